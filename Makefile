@@ -1,0 +1,41 @@
+# popalign — the README's commands.
+#   make demo   set up the environment and run the whole pipeline on the built-in synthetic world
+#   make test   set up the environment and run the tests (slow end-to-end tests included)
+#
+# TORCH picks the PyTorch requirement; users get the default build for their platform. CPU-only
+# machines (and CI) pass a CPU build, e.g.  make test TORCH=torch==2.13.0
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch>=2.4
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.popalign-installed
+
+.PHONY: demo test test-fast lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/popalign demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from popalign.cli import main
+
+sys.exit(main())

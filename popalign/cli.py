@@ -1,0 +1,58 @@
+"""The ``popalign`` console script: one subcommand per pipeline stage.
+
+Every module in :mod:`popalign.commands` is a subcommand. A command module defines
+
+* ``HELP``: a one-line summary shown by ``popalign --help``;
+* ``add_arguments(parser)``: its flags (keep imports light: ``--help`` must be fast);
+* ``run(args) -> int``: the work, importing heavy libraries inside.
+
+Errors the user can fix (bad files, bad flags) are raised as :class:`popalign.errors.UserError`
+and printed as one line with a non-zero exit, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import popalign.commands
+from popalign.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popalign",
+        description="Population-level alignment of text-to-image diffusion models. Stages: "
+        "prompts -> generate -> label -> build -> (python train.py fit) -> evaluate -> export.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(popalign.commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"popalign.commands.{info.name}")
+        name = info.name.replace("_", "-")
+        cmd = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=(module.__doc__ or module.HELP).strip(),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"popalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

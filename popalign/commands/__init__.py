@@ -1,0 +1,1 @@
+"""Subcommands of the ``popalign`` console script; see :mod:`popalign.cli` for the contract."""

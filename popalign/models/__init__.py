@@ -1,0 +1,1 @@
+"""Loading SDXL components (UNet, scheduler, frozen reference, LoRA) and tiny test pipelines."""

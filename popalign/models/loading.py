@@ -1,0 +1,91 @@
+"""Loading SDXL components, the frozen reference, and LoRA adapters.
+
+Everything loads with diffusers' ``from_pretrained`` from a hub id (``stabilityai/stable-diffusion-xl-base-1.0``)
+or a local diffusers folder, so the tiny pipelines the tests save and real SDXL go through the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from popalign.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (also accepts ``bf16``/``fp16``/``fp32``)."""
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def _check_component(path: str, subfolder: str) -> None:
+    # local folders get a clear error; hub ids are left to huggingface_hub
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, subfolder)):
+        raise UserError(f"{path}: no '{subfolder}/' folder; expected a diffusers pipeline folder")
+
+
+def load_unet(pretrained_model: str, subfolder: str = "unet", revision: str | None = None, variant: str | None = None):
+    """``UNet2DConditionModel.from_pretrained(pretrained_model, subfolder="unet")`` in float32."""
+    from diffusers import UNet2DConditionModel
+
+    _check_component(pretrained_model, subfolder)
+    return UNet2DConditionModel.from_pretrained(
+        pretrained_model, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=torch.float32
+    )
+
+
+def load_noise_scheduler(pretrained_model: str, subfolder: str = "scheduler", revision: str | None = None):
+    """A ``DDPMScheduler`` from the pipeline's scheduler config (its betas and prediction type).
+
+    Training only needs ``add_noise``/``get_velocity``, which depend on the beta schedule alone, so any
+    compatible scheduler config (SDXL ships an Euler one) gives the same forward process.
+    """
+    from diffusers import DDPMScheduler
+
+    _check_component(pretrained_model, subfolder)
+    return DDPMScheduler.from_pretrained(pretrained_model, subfolder=subfolder, revision=revision)
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode, no gradients) in ``dtype``: the reference for full fine-tuning."""
+    ref = copy.deepcopy(model).to(dtype=dtype)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def add_lora(
+    unet: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Freeze ``unet`` and attach trainable peft LoRA adapters (diffusers' ``add_adapter``).
+
+    The adapters' up-projections start at zero, so the adapted UNet starts equal to the base; with
+    adapters disabled it *is* the base, which is how LoRA runs get their reference for free.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config)
+    return unet

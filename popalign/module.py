@@ -1,0 +1,232 @@
+"""The PopAlign LightningModule: a trainable SDXL UNet against a frozen reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from popalign.ema import EMA
+from popalign.models.loading import (
+    DEFAULT_LORA_TARGETS,
+    add_lora,
+    frozen_copy,
+    load_noise_scheduler,
+    load_unet,
+    parse_dtype,
+)
+from popalign.objectives import Objective, ObjectiveOutput, PopAlignLoss
+
+
+class PopAlignModule(L.LightningModule):
+    """Fine-tunes a diffusion UNet with a population-level preference objective.
+
+    Each batch holds P preferred and P dispreferred latents (rows ``i`` and ``i + P`` form a pair from
+    the same population group, see ``docs/shards.md``). Per step, every pair shares one noise tensor
+    ε and one timestep t; both members are noised, the policy (and, when the objective needs it, the
+    frozen reference) predicts the target (ε or v), and the per-sample errors
+    ``err = mean((f(x_t, t, c) − target)²)`` in float32 go to the objective.
+
+    Args:
+        pretrained_model: hub id or local diffusers folder; the UNet is read from ``unet/`` and the
+            noise schedule from ``scheduler/``.
+        objective: the preference objective (``popalign.objectives``), chosen in YAML.
+        optimizer: optimizer factory; default ``AdamW(lr=5e-7, weight_decay=1e-2)``, the paper's rate.
+        lr_scheduler: scheduler factory (stepped every optimizer step), e.g.
+            ``popalign.optim.ConstantWithWarmup``; default none (constant).
+        lora_rank: train LoRA adapters of this rank instead of the full UNet; the reference is then the
+            same UNet with adapters disabled, so no second copy exists.
+        lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
+        lora_target_modules: module names that get adapters.
+        reference_dtype: dtype of the frozen reference copy in full fine-tuning.
+        gradient_checkpointing: trade compute for memory in the policy UNet.
+        prediction_type: ``epsilon`` or ``v_prediction``; default: the scheduler config's.
+        ema_decay: keep an exponential moving average of the trainable weights with this decay.
+        skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf (costs one host sync per
+            optimizer step); counted in ``train/nonfinite_steps``.
+        max_nonfinite_steps: abort the run when more steps than this were skipped.
+    """
+
+    def __init__(
+        self,
+        pretrained_model: str,
+        objective: Objective | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
+        reference_dtype: str = "bfloat16",
+        gradient_checkpointing: bool = False,
+        prediction_type: str | None = None,
+        ema_decay: float | None = None,
+        skip_nonfinite: bool = True,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
+        self.objective = objective if objective is not None else PopAlignLoss()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.skip_nonfinite = skip_nonfinite
+        self.max_nonfinite_steps = max_nonfinite_steps
+
+        self.policy = load_unet(pretrained_model)
+        self.noise_scheduler = load_noise_scheduler(pretrained_model)
+        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        # a buffer, so the schedule moves to the device once instead of on every add_noise call
+        self.register_buffer(
+            "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
+
+        self.lora = lora_rank is not None
+        self.reference: nn.Module | None = None
+        if self.lora:
+            add_lora(self.policy, lora_rank, lora_alpha, lora_target_modules)
+        elif self.objective.needs_reference:
+            self.reference = frozen_copy(self.policy, parse_dtype(reference_dtype))
+        if gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
+        self.ema = EMA(self.policy, ema_decay) if ema_decay is not None else None
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ the reference stays frozen
+    def train(self, mode: bool = True) -> PopAlignModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # Lightning calls .train() on the whole module every epoch
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ the step
+    def _unet(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, batch: dict, dtype: torch.dtype):
+        cond = {
+            "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
+            "time_ids": batch["time_ids"].to(dtype),
+        }
+        out = model(x.to(dtype), t, encoder_hidden_states=batch["prompt_embeds"].to(dtype), added_cond_kwargs=cond)
+        return out.sample.float()
+
+    def _reference_prediction(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._unet(self.reference, x, t, batch, next(self.reference.parameters()).dtype)
+            self.policy.disable_adapters()
+            try:
+                return self._unet(self.policy, x, t, batch, torch.float32)
+            finally:
+                self.policy.enable_adapters()
+
+    def noise_and_timesteps(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ε and one t per pair, shared by its preferred (row i) and dispreferred (row i + P) member."""
+        n = latents.shape[0]
+        if n % 2:
+            raise ValueError(f"a batch holds pairs: expected an even number of rows, got {n}")
+        p = n // 2
+        noise = torch.randn((p, *latents.shape[1:]), generator=generator, device=latents.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (p,), generator=generator, device=latents.device)
+        return noise.repeat(2, 1, 1, 1), t.repeat(2)
+
+    def compute_objective(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> ObjectiveOutput:
+        """Per-sample denoising errors of policy (and reference) for given noise and timesteps -> objective."""
+        x0 = batch["latents"].float()
+        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        policy_err = (self._unet(self.policy, x_t, timesteps, batch, torch.float32) - target).pow(2).mean(dim=(1, 2, 3))
+        ref_err = None
+        if self.objective.needs_reference:
+            ref_err = (self._reference_prediction(x_t, timesteps, batch) - target).pow(2).mean(dim=(1, 2, 3))
+        return self.objective(policy_err, ref_err, batch["preferred"], batch["group"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        noise, t = self.noise_and_timesteps(batch["latents"])
+        out = self.compute_objective(batch, noise, t)
+        n = batch["latents"].shape[0]
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # fixed noise per batch index, so validation curves compare the same draws across epochs
+        g = torch.Generator(device=batch["latents"].device).manual_seed(batch_idx)
+        noise, t = self.noise_and_timesteps(batch["latents"], generator=g)
+        out = self.compute_objective(batch, noise, t)
+        n = batch["latents"].shape[0]
+        self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in out.metrics.items()}, batch_size=n, sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        def guarded_closure():
+            loss = optimizer_closure()
+            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+            if not grads:
+                return loss
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.log("train/grad_norm", norm, batch_size=1)
+            if not self.skip_nonfinite:
+                return loss
+            bad = (~torch.isfinite(norm)).to(torch.float32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # sharded grads (FSDP)
+            if bad.item():  # the one host sync of the step
+                optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+                self.nonfinite_steps += 1
+                if int(self.nonfinite_steps) > self.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{int(self.nonfinite_steps)} optimizer steps had NaN/inf gradients "
+                        f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
+                    )
+                return None
+            return loss
+
+        optimizer.step(closure=guarded_closure)
+        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.policy)
+
+    # ------------------------------------------------------------------ checkpoints hold trainable state only
+    def _frozen_keys(self) -> set[str]:
+        keys = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return keys | {k for k in self.state_dict() if k.startswith("reference.")}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # frozen weights (the reference copy, LoRA's base) are reloaded from `pretrained_model`
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        for key in self._frozen_keys() & set(state):
+            del state[key]
+        checkpoint["popalign_frozen_from"] = self.hparams.pretrained_model
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        current = self.state_dict()
+        for key in self._frozen_keys() - set(state):
+            state[key] = current[key]  # the freshly loaded pretrained weights, never the policy's

@@ -1,0 +1,49 @@
+"""``python train.py fit --config configs/sdxl_popalign.yaml``: the LightningCLI of popalign.
+
+The CLI's schema is the typed ``__init__`` of :class:`popalign.module.PopAlignModule` (``model:``) and of
+:class:`popalign.data.datamodule.PopulationDataModule` (``data:``); ``--print_config`` shows every knob.
+Configs are parsed in omegaconf mode, so values may interpolate (``${data.init_args.pairs_per_group}``).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from popalign.data.datamodule import PopulationDataModule
+from popalign.module import PopAlignModule
+
+
+class PopAlignCLI(LightningCLI):
+    """LightningCLI with popalign's defaults: TensorBoard logs and a `last.ckpt` for resuming."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "popalign"},
+                },
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"save_last": True, "every_n_train_steps": 100},
+                    },
+                    {
+                        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                        "init_args": {"logging_interval": "step"},
+                    },
+                ],
+            }
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
+    return PopAlignCLI(
+        PopAlignModule,
+        PopulationDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
