@@ -58,7 +58,7 @@ class PopAlignModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
-        lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
+        lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
         reference_dtype: str = "bfloat16",
         gradient_checkpointing: bool = False,
         prediction_type: str | None = None,
@@ -78,7 +78,9 @@ class PopAlignModule(L.LightningModule):
         self.noise_scheduler = load_noise_scheduler(pretrained_model)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
         # a buffer, so the schedule moves to the device once instead of on every add_noise call
         self.register_buffer(
             "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
@@ -111,7 +113,9 @@ class PopAlignModule(L.LightningModule):
             "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
             "time_ids": batch["time_ids"].to(dtype),
         }
-        out = model(x.to(dtype), t, encoder_hidden_states=batch["prompt_embeds"].to(dtype), added_cond_kwargs=cond)
+        out = model(
+            x.to(dtype), t, encoder_hidden_states=batch["prompt_embeds"].to(dtype), added_cond_kwargs=cond
+        )
         return out.sample.float()
 
     def _reference_prediction(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -143,7 +147,11 @@ class PopAlignModule(L.LightningModule):
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        policy_err = (self._unet(self.policy, x_t, timesteps, batch, torch.float32) - target).pow(2).mean(dim=(1, 2, 3))
+        policy_err = (
+            (self._unet(self.policy, x_t, timesteps, batch, torch.float32) - target)
+            .pow(2)
+            .mean(dim=(1, 2, 3))
+        )
         ref_err = None
         if self.objective.needs_reference:
             ref_err = (self._reference_prediction(x_t, timesteps, batch) - target).pow(2).mean(dim=(1, 2, 3))
@@ -178,7 +186,9 @@ class PopAlignModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         def guarded_closure():
             loss = optimizer_closure()
             grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]

@@ -7,9 +7,12 @@ Configs are parsed in omegaconf mode, so values may interpolate (``${data.init_a
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from popalign.data.datamodule import PopulationDataModule
+from popalign.errors import UserError
 from popalign.module import PopAlignModule
 
 
@@ -38,6 +41,15 @@ class PopAlignCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
+    """Build the CLI (and run the subcommand); a :class:`UserError` exits 2 with its one-line message."""
+    try:
+        return _build(args, run)
+    except UserError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _build(args: list[str] | None, run: bool) -> PopAlignCLI:
     return PopAlignCLI(
         PopAlignModule,
         PopulationDataModule,

@@ -23,7 +23,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16`` (also accepts ``bf16``/``fp16``/``fp32``)."""
     if isinstance(name, torch.dtype):
         return name
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    }
     key = aliases.get(name, name)
     if key not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
@@ -36,7 +42,9 @@ def _check_component(path: str, subfolder: str) -> None:
         raise UserError(f"{path}: no '{subfolder}/' folder; expected a diffusers pipeline folder")
 
 
-def load_unet(pretrained_model: str, subfolder: str = "unet", revision: str | None = None, variant: str | None = None):
+def load_unet(
+    pretrained_model: str, subfolder: str = "unet", revision: str | None = None, variant: str | None = None
+):
     """``UNet2DConditionModel.from_pretrained(pretrained_model, subfolder="unet")`` in float32."""
     from diffusers import UNet2DConditionModel
 

@@ -173,7 +173,9 @@ def build_tiny_components(config: TinySDXLConfig | None = None) -> dict:
     }
 
 
-def save_tiny_sdxl(path: str | Path, config: TinySDXLConfig | None = None, components: dict | None = None) -> Path:
+def save_tiny_sdxl(
+    path: str | Path, config: TinySDXLConfig | None = None, components: dict | None = None
+) -> Path:
     """Build (unless ``components`` are given) and ``save_pretrained`` a tiny SDXL pipeline at ``path``."""
     from diffusers import StableDiffusionXLPipeline
 

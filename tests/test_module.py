@@ -1,0 +1,188 @@
+"""PopAlignModule: the frozen reference, the step, LoRA, checkpoints, non-finite steps, DDP gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from popalign.models.loading import load_unet
+from popalign.module import PopAlignModule
+from popalign.objectives import PopAlignLoss, SFTLoss
+
+
+def _module(tiny_model, **kw) -> PopAlignModule:
+    kw.setdefault("objective", PopAlignLoss(beta=10.0))
+    kw.setdefault("reference_dtype", "float32")
+    return PopAlignModule(pretrained_model=tiny_model, **kw)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_reference_is_frozen_and_stays_in_eval(tiny_model):
+    m = _module(tiny_model, reference_dtype="bfloat16")
+    assert m.reference is not None
+    assert all(not p.requires_grad for p in m.reference.parameters())
+    assert next(m.reference.parameters()).dtype == torch.bfloat16
+    m.train()
+    assert m.policy.training and not m.reference.training
+    opt = m.configure_optimizers()
+    in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert in_opt == {id(p) for p in m.policy.parameters()}
+    assert not in_opt & {id(p) for p in m.reference.parameters()}
+
+
+def test_objective_without_reference_holds_no_copy(tiny_model):
+    m = _module(tiny_model, objective=SFTLoss())
+    assert m.reference is None
+
+
+def test_pairs_share_noise_and_timestep(tiny_model, batch_factory):
+    m = _module(tiny_model)
+    batch = batch_factory(pairs=3)
+    noise, t = m.noise_and_timesteps(batch["latents"])
+    assert torch.equal(noise[:3], noise[3:]) and torch.equal(t[:3], t[3:])
+    assert not torch.equal(noise[0], noise[1])
+    with pytest.raises(ValueError, match="even number"):
+        m.noise_and_timesteps(batch["latents"][:5])
+
+
+def test_step_gradients_reach_policy_only(tiny_model, batch_factory):
+    m = _module(tiny_model)
+    loss = m.training_step(batch_factory(pairs=2), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.policy.parameters())
+    assert all(p.grad is None for p in m.reference.parameters())
+
+
+def test_policy_equals_reference_at_start(tiny_model, batch_factory):
+    # identical weights -> identical errors -> g = 0 for every sample, loss = log 2 exactly
+    m = _module(tiny_model)
+    batch = batch_factory(pairs=2)
+    noise, t = m.noise_and_timesteps(batch["latents"])
+    out = m.compute_objective(batch, noise, t)
+    assert torch.allclose(out.loss, torch.log(torch.tensor(2.0)), atol=1e-5)
+
+
+def test_v_prediction_target(tiny_model, batch_factory):
+    # v = sqrt(a) * eps - sqrt(1 - a) * x0 (diffusers' get_velocity): the module's target must match it
+    m = _module(tiny_model, prediction_type="v_prediction")
+    batch = batch_factory(pairs=1)
+    x0 = batch["latents"].float()
+    noise, t = m.noise_and_timesteps(batch["latents"])
+    expected = m.noise_scheduler.get_velocity(x0, noise, t)
+    captured = {}
+
+    def fake_unet(model, x, tt, b, dtype):
+        captured["x_t"] = x
+        return torch.zeros_like(x)
+
+    m._unet = fake_unet
+    m.objective = SFTLoss()
+    out = m.compute_objective(batch, noise, t)
+    # with a zero prediction the SFT loss is mean(target^2) over the preferred row
+    assert torch.allclose(out.loss, expected[0].pow(2).mean(), atol=1e-6)
+    assert torch.allclose(captured["x_t"], m.noise_scheduler.add_noise(x0, noise, t), atol=1e-6)
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_model, batch_factory):
+    m = _module(tiny_model, lora_rank=4)
+    assert m.reference is None
+    trainable = [n for n, p in m.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    with torch.no_grad():  # make the adapters matter
+        for n, p in m.policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    base = load_unet(tiny_model)
+    batch = batch_factory(pairs=1)
+    noise, t = m.noise_and_timesteps(batch["latents"])
+    x = batch["latents"].float() + noise
+    ref = m._reference_prediction(x, t, batch)
+    expected = m._unet(base, x, t, batch, torch.float32)
+    assert torch.allclose(ref, expected, atol=1e-5)
+    assert not torch.allclose(m._unet(m.policy, x, t, batch, torch.float32), expected, atol=1e-3)
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, make, n: int = 64, nan_at: set[int] = frozenset()):
+        self.make, self.n, self.nan_at = make, n, nan_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        b = self.make(pairs=2, seed=i)
+        if i in self.nan_at:
+            b["latents"][0, 0, 0, 0] = float("nan")
+        return b
+
+
+def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset()):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    loader = DataLoader(_Batches(make, nan_at=nan_at), batch_size=None, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_checkpoint_holds_trainable_state_and_resume_keeps_original_reference(
+    tiny_model, batch_factory, tmp_path
+):
+    m = _module(tiny_model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    _fit(m, batch_factory, tmp_path, steps=3)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+    assert any(k.startswith("policy.") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 3
+
+    trained_policy = copy.deepcopy(m.policy)
+    resumed = _module(tiny_model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = _fit(
+        resumed, batch_factory, tmp_path / "resume", steps=5, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert trainer.global_step == 5  # continued from 3, not restarted
+    # the reference is still the pretrained UNet, not the trained policy it was saved beside
+    assert _same_weights(resumed.reference, load_unet(tiny_model))
+    assert not _same_weights(resumed.reference, trained_policy)
+    # the optimizer state came back (Adam's step count continues)
+    state = trainer.optimizers[0].state
+    assert max(int(s["step"]) for s in state.values()) == 5
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_model, batch_factory, tmp_path):
+    m = _module(tiny_model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    before = copy.deepcopy(m.policy)
+    _fit(m, batch_factory, tmp_path, steps=1, nan_at={0})
+    assert int(m.nonfinite_steps) == 1
+    assert _same_weights(m.policy, before)  # NaN never reached the weights
+    assert all(torch.isfinite(p).all() for p in m.policy.parameters())
+
+    m2 = _module(tiny_model, max_nonfinite_steps=1)
+    with pytest.raises(RuntimeError, match="NaN/inf"):
+        _fit(m2, batch_factory, tmp_path / "abort", steps=4, nan_at={0, 1, 2})
+
+
+def test_ema_tracks_policy(tiny_model, batch_factory, tmp_path):
+    m = _module(tiny_model, ema_decay=0.5, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    start = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+    _fit(m, batch_factory, tmp_path, steps=2)
+    name, avg = next((n, v) for n, v in m.ema.state_by_name().items() if "conv_in.weight" in n)
+    now = dict(m.policy.named_parameters())[name].detach()
+    assert not torch.equal(avg, start[name]) and not torch.equal(avg, now)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])

@@ -1,0 +1,373 @@
+"""Bias axes (YAML), prompt expansion, the prompt table and the `popalign prompts` subcommand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from popalign.cli import main
+from popalign.commands import prompts as prompts_cmd
+from popalign.data.axes import AxisClass, BiasAxis, Intersection, load_axes, shipped_axes
+from popalign.data.prompts import (
+    DEFAULT_TEMPLATE,
+    NeutralPrompt,
+    PromptRow,
+    expand_prompts,
+    read_lines,
+    read_neutral_prompts,
+    read_prompt_table,
+    read_specific_prompts,
+    render,
+    resolve_prompt_file,
+    write_prompt_table,
+)
+from popalign.errors import UserError
+
+GOOD_AXIS = {
+    "name": "mood",
+    "classes": [{"name": "happy", "phrase": "happy"}, {"name": "sad", "phrase": "sad"}],
+    "target": [0.25, 0.75],
+}
+
+
+class ShoutingAxis(BiasAxis):
+    """A subclass computing its phrase instead of reading it (the override hook)."""
+
+    def phrase(self, class_name: str) -> str:
+        return super().phrase(class_name).upper()
+
+
+def write_yaml(tmp_path: Path, data, name: str = "axis.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+# ---- axes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "first_phrase"),
+    [
+        ("gender", ["male", "female"], "male"),
+        ("race", ["white", "black", "asian", "indian", "latino", "middle_eastern"], "white"),
+        ("age", ["young", "middle_aged", "old"], "young"),
+        ("couple", ["man_woman", "two_men", "two_women"], "a man and a woman"),
+    ],
+)
+def test_shipped_axis_loads(name, classes, first_phrase):
+    (axis,) = load_axes([name])
+    assert axis.name == name and list(axis.class_names) == classes
+    assert axis.num_classes == len(classes) and axis.phrase(classes[0]) == first_phrase
+    assert axis.target == pytest.approx([1 / len(classes)] * len(classes))
+    assert all(c.classifier_prompts for c in axis.classes)  # the CLIP labeler needs them
+    assert axis.index(classes[-1]) == len(classes) - 1
+    assert BiasAxis.from_dict(axis.to_dict()) == axis  # YAML mapping round trip
+
+
+def test_shipped_axes_listed_and_loaded_by_path(tmp_path):
+    assert shipped_axes() == ["age", "couple", "gender", "race"]
+    (axis,) = load_axes([write_yaml(tmp_path, GOOD_AXIS)])
+    assert axis.target == (0.25, 0.75) and axis.order == 100 and axis.placeholder == "identity"
+    with pytest.raises(KeyError, match="no class 'calm'"):
+        axis.index("calm")
+
+
+def _with(**changes):
+    data = json.loads(json.dumps(GOOD_AXIS))
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    return data
+
+
+BAD_AXES = {
+    "unknown top-level key": (_with(colour="red"), "unknown key"),
+    "unknown class key": (_with(classes=[{"name": "a", "frase": "x"}]), "unknown key"),
+    "missing name": (_with(name=None), "missing 'name'"),
+    "missing classes": (_with(classes=None), "missing 'classes'"),
+    "empty classes": (_with(classes=[]), "non-empty list"),
+    "duplicate classes": (_with(classes=[{"name": "a"}, {"name": "a"}], target=None), "duplicate class"),
+    "target too short": (_with(target=[1.0]), "1 values for 2 classes"),
+    "negative target": (_with(target=[1.5, -0.5]), ">= 0"),
+    "target not summing to 1": (_with(target=[0.5, 0.4]), "sum to 1"),
+    "target not numbers": (_with(target=["a", "b"]), "list of numbers"),
+    "invalid name": (_with(name="Mood!"), "invalid axis name"),
+    "reserved class name": (_with(classes=[{"name": "unknown"}, {"name": "b"}]), "reserved"),
+    "slash in class name": (_with(classes=[{"name": "a/b"}, {"name": "b"}]), "invalid class name"),
+    "class_path not an axis": (_with(class_path="pathlib:Path"), "not a subclass"),
+    "not a mapping": ("- just\n- a list\n", "must be a YAML mapping"),
+    "broken YAML": ("name: [unclosed\n", "invalid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_AXES))
+def test_bad_axis_yaml_names_file_and_problem(tmp_path, case):
+    data, problem = BAD_AXES[case]
+    path = write_yaml(tmp_path, data, "bad_axis.yaml")
+    with pytest.raises(UserError) as err:
+        BiasAxis.from_yaml(path)
+    assert str(path) in str(err.value) and problem in str(err.value)
+
+
+def test_unknown_axis_name_and_duplicate_axes():
+    with pytest.raises(UserError, match="unknown axis 'hair'.*gender"):
+        load_axes(["hair"])
+    with pytest.raises(UserError, match="more than once"):
+        load_axes(["gender", "gender"])
+
+
+def test_subclass_via_class_path(tmp_path):
+    path = write_yaml(tmp_path, _with(class_path=f"{__name__}:ShoutingAxis"))
+    (axis,) = load_axes([path])
+    assert type(axis) is ShoutingAxis and axis.phrase("sad") == "SAD"
+    rows = expand_prompts(["a {identity} clown"], [axis])
+    assert [r.prompt for r in rows] == ["a clown", "a HAPPY clown", "a SAD clown"]
+
+
+def test_intersection_classes_and_target():
+    gender = BiasAxis(
+        "gender", (AxisClass("male", "male"), AxisClass("female", "female")), (0.3, 0.7), order=10
+    )
+    (race,) = load_axes(["race"])
+    joint = Intersection([gender, race])
+    assert joint.name == "gender/race" and joint.num_classes == 12
+    # row-major, last axis fastest: index(female/asian) = 1 * 6 + 2 = 8
+    assert joint.class_names[:2] == ("male/white", "male/black") and joint.index("female/asian") == 8
+    assert joint.index({"race": "asian", "gender": "female"}) == 8
+    assert joint.split("female/middle_eastern") == {"gender": "female", "race": "middle_eastern"}
+    # joint target = product: p(female, asian) = 0.7 * 1/6 = 0.11666...
+    assert joint.target[8] == pytest.approx(0.7 / 6) and math.fsum(joint.target) == pytest.approx(1.0)
+    assert joint.phrase("female/middle_eastern") == "female middle eastern"
+    given = Intersection([gender], target=[0.9, 0.1])
+    assert given.target == (0.9, 0.1)
+    with pytest.raises(ValueError, match="summing to 1"):
+        Intersection([gender], target=[0.5, 0.6])
+
+
+# ---- expansion ------------------------------------------------------------------------------
+
+
+def test_product_expansion_counts_ids_and_text():
+    axes = load_axes(["gender", "race"])
+    rows = expand_prompts(["a photo of a {identity} doctor", "a photo of a {identity} pilot"], axes)
+    assert len(rows) == 2 * (1 + 12)  # per neutral: 1 neutral row + 2 x 6 augmented
+    first = rows[0]
+    assert (first.prompt_id, first.kind, first.prompt, first.classes) == (
+        "p0000",
+        "neutral",
+        "a photo of a doctor",
+        {},
+    )
+    # a0008 = female (1) x asian (2): 1 * 6 + 2
+    assert rows[1 + 8] == PromptRow(
+        "p0000-a0008",
+        "p0000",
+        "augmented",
+        "a photo of a doctor",
+        "a photo of a female asian doctor",
+        {"gender": "female", "race": "asian"},
+        "a photo of a {identity} doctor",
+    )
+    assert rows[1].prompt == "a photo of a male white doctor"
+    assert rows[13].prompt_id == "p0001" and rows[25].prompt == "a photo of a female middle eastern pilot"
+    # listing race first changes the enumeration order, not the phrase order (gender order 10 < race 20)
+    swapped = expand_prompts(["a photo of a {identity} doctor"], list(reversed(axes)))
+    assert swapped[1 + 2 * 2 + 1].prompt == "a photo of a female asian doctor"  # asian (2) x female (1)
+
+
+def test_articles_agree_with_the_inserted_word():
+    axes = load_axes(["race", "age"])
+    rows = expand_prompts(["a photo of a {identity} engineer"], axes)
+    texts = {tuple(r.classes.values()): r.prompt for r in rows}
+    assert rows[0].prompt == "a photo of an engineer"
+    assert texts[("asian", "old")] == "a photo of an elderly asian engineer"  # age (order 5) first
+    assert texts[("white", "young")] == "a photo of a young white engineer"
+    assert render("An {identity} umpire", {"identity": ""}) == "An umpire"
+    assert render("an {identity} urologist", {"identity": ""}) == "a urologist"
+    assert render("a {identity} engineer", {"identity": ""}, fix_articles=False) == "a engineer"
+    assert (
+        render("a banana and {identity} apple", {"identity": ""}) == "a banana and apple"
+    )  # only slot neighbours
+
+
+def test_couple_axis_fills_its_own_slot():
+    rows = expand_prompts(["a photo of {couple} dancing, smiling"], load_axes(["couple"]))
+    assert [r.prompt for r in rows] == [
+        "a photo of a couple dancing, smiling",
+        "a photo of a man and a woman dancing, smiling",
+        "a photo of two men dancing, smiling",
+        "a photo of two women dancing, smiling",
+    ]
+    with pytest.raises(UserError, match=r"\{couple\} matches no axis"):
+        expand_prompts(["a photo of {couple}"], load_axes(["gender"]))
+
+
+def test_csv_with_identity_placeholder(tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text('prompt_id,prompt\nnurse,"a photo of an {identity}  nurse"\n,a {identity} cook\n')
+    neutral = read_neutral_prompts(path)
+    assert neutral == [
+        NeutralPrompt("nurse", "a photo of an {identity} nurse", f"{path}:2"),
+        NeutralPrompt("p0001", "a {identity} cook", f"{path}:3"),
+    ]
+    rows = expand_prompts(neutral, load_axes(["gender"]))
+    assert [r.prompt_id for r in rows] == [
+        "nurse",
+        "nurse-a0000",
+        "nurse-a0001",
+        "p0001",
+        "p0001-a0000",
+        "p0001-a0001",
+    ]
+    assert rows[0].prompt == "a photo of a nurse" and rows[2].prompt == "a photo of a female nurse"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("prompt\na photo of a doctor\n", "has no {identity} placeholder"),
+        ("text\na {identity} doctor\n", "no 'prompt' column"),
+        ("prompt\n", "no prompts"),
+        ('prompt\n""\n', "empty prompt"),
+        ("prompt_id,prompt\nx,a {identity} cook\nx,a {identity} baker\n", "'x' repeats"),
+    ],
+)
+def test_bad_csv(tmp_path, text, problem):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        read_neutral_prompts(path)
+    assert str(path) in str(err.value) and problem in str(err.value)
+
+
+def test_txt_with_template(tmp_path):
+    path = tmp_path / "subjects.txt"
+    path.write_text("# jobs\ndoctor\n\nair traffic controller  # trailing comment\n")
+    neutral = read_neutral_prompts(path)
+    assert [n.template for n in neutral] == [
+        "a photo of a {identity} doctor",
+        "a photo of a {identity} air traffic controller",
+    ]
+    custom = read_neutral_prompts(path, "a {identity} person working as a {subject}, at work")
+    rows = expand_prompts(custom, load_axes(["gender"]))
+    assert rows[3].prompt == "a person working as an air traffic controller, at work"
+    assert rows[5].prompt == "a female person working as an air traffic controller, at work"
+    kept = read_neutral_prompts(path, "a {identity} person working as a {subject}", fix_articles=False)
+    assert kept[1].template == "a {identity} person working as a air traffic controller"
+    with pytest.raises(UserError, match="no {subject} placeholder"):
+        read_neutral_prompts(path, "a photo of a person")
+    with pytest.raises(UserError, match="has no {identity} placeholder for axis gender"):
+        expand_prompts([NeutralPrompt("p0", "a photo", "f.txt:1")], load_axes(["gender"]))
+
+
+def test_expansion_and_table_are_deterministic_and_round_trip(tmp_path):
+    axes = load_axes(["gender", "race"])
+    neutral = read_neutral_prompts(resolve_prompt_file("occupations_eval"))
+    rows = expand_prompts(neutral, axes)
+    assert rows == expand_prompts(neutral, axes)
+    a = write_prompt_table(rows, tmp_path / "a" / "t.jsonl")
+    b = write_prompt_table(expand_prompts(neutral, axes), tmp_path / "b.jsonl")
+    assert a.read_bytes() == b.read_bytes() and read_prompt_table(a) == rows
+    assert sorted(p.name for p in a.parent.iterdir()) == ["t.jsonl"]  # no temp file left behind
+
+
+def test_read_prompt_table_errors(tmp_path):
+    good = json.dumps(expand_prompts(["a {identity} cook"], load_axes(["gender"]))[0].to_dict())
+    path = tmp_path / "t.jsonl"
+    broken = json.loads(good)
+    del broken["template"]
+    path.write_text(good + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(UserError, match=rf"{path}:2: missing key\(s\) template"):
+        read_prompt_table(path)
+    path.write_text(good + "\n{not json\n")
+    with pytest.raises(UserError, match=rf"{path}:2: not valid JSON"):
+        read_prompt_table(path)
+    path.write_text(good.replace('"neutral",', '"other",', 1) + "\n")
+    with pytest.raises(UserError, match="kind must be one of"):
+        read_prompt_table(path)
+
+
+def test_shipped_prompt_sets():
+    train = read_lines(resolve_prompt_file("occupations_train"))
+    held_out = read_lines(resolve_prompt_file("occupations_eval.txt"))
+    assert 40 <= len(train) <= 60 and 15 <= len(held_out) <= 20 and not set(train) & set(held_out)
+    assert len(read_lines(resolve_prompt_file("generic_eval"))) >= 15
+    specific = read_specific_prompts(resolve_prompt_file("specific_eval.csv"), load_axes(["gender", "race"]))
+    assert specific[0] == ("a photo of a male white astronaut", {"gender": "male", "race": "white"})
+    both = [tuple(c.values()) for _, c in specific if len(c) == 2]
+    assert len(both) == 24 and all(both.count(c) == 2 for c in both)  # each of 12 joint classes twice
+    assert all(c for _, c in specific)  # every prompt names at least one class
+    couples = expand_prompts(read_neutral_prompts(resolve_prompt_file("couples")), load_axes(["couple"]))
+    assert len(couples) == 8 * 4
+    with pytest.raises(UserError, match="shipped sets"):
+        resolve_prompt_file("no_such_set")
+
+
+# ---- the subcommand -------------------------------------------------------------------------
+
+
+def test_cli_writes_table(tmp_path, capsys):
+    subjects = tmp_path / "jobs.txt"
+    subjects.write_text("doctor\nengineer\n")
+    mood = write_yaml(tmp_path, GOOD_AXIS, "mood.yaml")
+    out = tmp_path / "out" / "prompts.jsonl"
+    argv = ["prompts", "--prompts", str(subjects), "--axes", "gender", "race", "--axes-file", str(mood)]
+    assert main([*argv, "--template", "a portrait of a {subject}", "--out", str(out)]) == 0
+    rows = read_prompt_table(out)
+    assert len(rows) == 2 * (1 + 2 * 6 * 2)
+    # last joint class: female x middle_eastern x sad; mood has the default order 100, so it goes last
+    assert rows[1 + 2 * 6 * 2 - 1].prompt == "a portrait of a female middle eastern sad doctor"
+    assert rows[25].prompt == "a portrait of an engineer"
+    printed = capsys.readouterr().out
+    assert "2 neutral prompts x 24 augmented each" in printed and "gender[2] x race[6] x mood[2]" in printed
+
+
+def test_cli_list_axes(capsys):
+    assert main(["prompts", "--list-axes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["age", "couple", "gender", "race"]
+    assert prompts_cmd.DEFAULT_TEMPLATE == DEFAULT_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--axes", "hair"], "unknown axis 'hair'"),
+        (["--axes", "gender", "--prompts", "missing.txt"], "prompt file not found"),
+        (["--axes", "gender", "--csv-prompt", "a photo of a doctor"], "has no {identity} placeholder"),
+        (
+            ["--axes", "gender", "--csv-prompt", "a {identity} cook", "--template", "x {subject}"],
+            "template applies",
+        ),
+        (["--axes", "gender", "--bad-axis"], "sum to 1"),
+        (["--axes", "gender", "--empty"], "no prompts"),
+        ([], "no axes"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, problem):
+    argv = ["prompts", "--out", str(tmp_path / "o.jsonl")]
+    if "--csv-prompt" in extra:
+        i = extra.index("--csv-prompt")
+        csv_path = tmp_path / "p.csv"
+        csv_path.write_text(f"prompt\n{extra[i + 1]}\n")
+        extra = [*extra[:i], "--prompts", str(csv_path), *extra[i + 2 :]]
+    if "--bad-axis" in extra:
+        extra = [x for x in extra if x != "--bad-axis"]
+        extra += ["--axes-file", str(write_yaml(tmp_path, _with(target=[0.5, 0.6])))]
+    if "--empty" in extra:
+        (tmp_path / "empty.txt").write_text("# nothing here\n")
+        extra = [x for x in extra if x != "--empty"] + ["--prompts", str(tmp_path / "empty.txt")]
+    if "--prompts" not in extra:
+        (tmp_path / "jobs.txt").write_text("doctor\n")
+        extra += ["--prompts", str(tmp_path / "jobs.txt")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("popalign prompts: error:") and problem in err
+    assert not (tmp_path / "o.jsonl").exists()
