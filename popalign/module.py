@@ -12,7 +12,9 @@ from torch import nn
 from popalign.ema import EMA
 from popalign.models.loading import (
     DEFAULT_LORA_TARGETS,
+    FINGERPRINT_KEY,
     add_lora,
+    base_fingerprint,
     frozen_copy,
     load_noise_scheduler,
     load_unet,
@@ -75,6 +77,8 @@ class PopAlignModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
 
         self.policy = load_unet(pretrained_model)
+        # recorded in checkpoints so an export onto another base (same architecture) is refused
+        self.base_fingerprint = base_fingerprint(self.policy)
         self.noise_scheduler = load_noise_scheduler(pretrained_model)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -232,6 +236,7 @@ class PopAlignModule(L.LightningModule):
         for key in self._frozen_keys() & set(state):
             del state[key]
         checkpoint["popalign_frozen_from"] = self.hparams.pretrained_model
+        checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict")

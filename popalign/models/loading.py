@@ -7,6 +7,8 @@ or a local diffusers folder, so the tiny pipelines the tests save and real SDXL 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -17,6 +19,7 @@ from popalign.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FINGERPRINT_KEY = "popalign_base_fingerprint"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -97,3 +100,21 @@ def add_lora(
     )
     unet.add_adapter(config)
     return unet
+
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """A short hash of a base UNet: its config and a strided sample (≤ 256 values) of every base weight.
+
+    LoRA tensors are skipped and peft's ``.base_layer.`` names mapped back, so an adapted UNet has its
+    base's fingerprint. Recorded at the start of training as ``checkpoint["popalign_base_fingerprint"]``,
+    it lets export refuse a base other than the one the run was trained against.
+    """
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    state = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    for key in sorted(state):
+        flat = state[key].detach().flatten()
+        h.update(key.encode())
+        h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,78 @@
+"""Export a training checkpoint as stock diffusers weights with a model card.
+
+Full fine-tuning writes DIR/unet/ (or, with --pipeline, a complete pipeline folder that
+StableDiffusionXLPipeline.from_pretrained(DIR) loads); LoRA writes adapter weights for
+pipe.load_lora_weights(DIR) (or, with --merge, the adapters merged into a full UNet).
+DIR/README.md is the model card. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a checkpoint as a diffusers UNet / pipeline or LoRA weights, with a model card"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", help="Lightning checkpoint of a run, e.g. runs/popalign/version_0/checkpoints/last.ckpt"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (written whole, or not at all)"
+    )
+    parser.add_argument(
+        "--base", default=None, help="base model (hub id or folder) replacing the one the checkpoint records"
+    )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="write a complete pipeline folder (the base's other components beside the UNet)",
+    )
+    parser.add_argument("--merge", action="store_true", help="LoRA: merge the adapters into a full UNet")
+    parser.add_argument(
+        "--ema", action="store_true", help="export the run's EMA weights (the run needs ema_decay)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the run's LightningCLI config.yaml (default: found next to the checkpoint)",
+    )
+    parser.add_argument(
+        "--data-summary", default=None, help="summary.json of `popalign build`, for the model card"
+    )
+    parser.add_argument(
+        "--metrics", default=None, help="metrics.json (any nested dict of numbers), tabulated in the card"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", default=None, help="then upload the folder to this Hugging Face repo"
+    )
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+
+
+def run(args: argparse.Namespace) -> int:
+    from popalign.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        base=args.base,
+        pipeline=args.pipeline,
+        merge=args.merge,
+        ema=args.ema,
+        dtype=args.dtype,
+        config=args.config,
+        data_summary=args.data_summary,
+        metrics=args.metrics,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    print(
+        f"exported {args.checkpoint} -> {out}"
+        + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else "")
+    )
+    return 0

@@ -1,0 +1,290 @@
+"""Export a trained policy as stock diffusers weights, with a model card.
+
+A training checkpoint holds trainable state only, so the policy is rebuilt on its base model: the base
+UNet (plus LoRA adapters for LoRA runs) with the checkpoint's ``policy.*`` (or EMA) weights loaded over
+it. Never the ``reference.*`` weights. :func:`export_checkpoint` then writes
+
+* full fine-tuning: ``DIR/unet/`` (config + safetensors), or with ``pipeline`` a complete pipeline
+  folder whose other components come from the base;
+* LoRA: ``DIR/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(DIR)``, or with ``merge``
+  the adapters merged into a full UNet laid out as above;
+* ``DIR/README.md``: the model card (see :func:`render_model_card`).
+
+Everything is written to a hidden sibling folder that is renamed to ``DIR`` only once complete.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pathlib
+import secrets
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from popalign.errors import UserError, first_line
+from popalign.model_card import CardFacts, find_run_config, read_mapping, render_model_card
+from popalign.models.loading import (
+    DEFAULT_LORA_TARGETS,
+    FINGERPRINT_KEY,
+    add_lora,
+    base_fingerprint,
+    load_unet,
+    parse_dtype,
+)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# hyper-parameters may hold paths; rebuilding a path from its parts runs no code
+_SAFE_GLOBALS = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A :class:`~popalign.module.PopAlignModule` checkpoint read with ``torch.load(weights_only=True)``.
+
+    Only tensors, plain containers and ``pathlib`` paths are accepted. Raises :class:`UserError` for a
+    missing file, a file that is not a checkpoint, or a checkpoint of another model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path}: is a folder, not a checkpoint file (convert sharded checkpoints to one file first)"
+        )
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this is not one)"
+        )
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            # mmap: only the tensors export touches are read (not the optimizer state, several times the UNet)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises KeyError, EOFError, UnpicklingError... for a non-checkpoint
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(err)})") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not any(k.startswith("policy.") for k in ckpt["state_dict"]) or "pretrained_model" not in hparams:
+        raise UserError(
+            f"{path}: not a popalign training checkpoint (no 'policy.*' weights or 'pretrained_model')"
+        )
+    return ckpt
+
+
+def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
+    local = base.startswith((".", "/", "~")) or os.path.exists(base)
+    if local and not os.path.isdir(os.path.expanduser(base)):
+        raise UserError(
+            f"{ckpt_path}: its base model {base} is not found; pass --base with the base it was trained on"
+        )
+    try:
+        return load_unet(os.path.expanduser(base))
+    except UserError as err:
+        raise UserError(
+            f"{ckpt_path}: base model: {err}; pass --base with the base it was trained on"
+        ) from err
+    except (OSError, ValueError) as err:  # hub id unknown/offline, or not a diffusers UNet
+        raise UserError(
+            f"{ckpt_path}: cannot load its base model {base!r} ({first_line(err)}); pass --base with the base"
+        ) from err
+
+
+def _trained_weights(
+    ckpt: dict, unet: nn.Module, ckpt_path: Path, base: str, ema: bool
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``policy.*`` tensors (EMA averages over the trainable ones), checked against ``unet``."""
+    state = ckpt["state_dict"]
+    weights = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    if ema:
+        # EMA.shadow.<i> follows the order of the policy's trainable parameters
+        shadows = {k[len("ema.shadow.") :]: v for k, v in state.items() if k.startswith("ema.shadow.")}
+        if not shadows:
+            raise UserError(
+                f"{ckpt_path}: --ema asked, but the run kept no EMA weights (train with ema_decay set)"
+            )
+        if set(shadows) != {str(i) for i in range(len(trainable))}:
+            raise UserError(
+                f"{ckpt_path}: {len(shadows)} EMA tensors for {len(trainable)} trainable weights on base {base!r}"
+            )
+        weights.update({name: shadows[str(i)] for i, name in enumerate(trainable)})
+    params = dict(unet.named_parameters())
+    expected = set(trainable) | (set(unet.state_dict()) - set(params))  # trainable + buffers
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        example = (missing or extra)[0]
+        raise UserError(
+            f"{ckpt_path}: its weights do not fit base {base!r} ({len(missing)} missing, {len(extra)} unexpected, "
+            f"e.g. {example}); pass --base with the base it was trained on"
+        )
+    target = unet.state_dict()
+    for name, tensor in weights.items():
+        if tensor.shape != target[name].shape:
+            raise UserError(
+                f"{ckpt_path}: {name} has shape {tuple(tensor.shape)} but base {base!r} expects "
+                f"{tuple(target[name].shape)}; pass --base with the base it was trained on"
+            )
+    return weights
+
+
+def rebuild_policy(
+    ckpt: dict, ckpt_path: str | Path, base: str | None = None, ema: bool = False
+) -> nn.Module:
+    """The trained policy UNet in float32: ``base`` (default: the recorded one) + adapters + trained weights."""
+    ckpt_path = Path(ckpt_path)
+    hp = ckpt["hyper_parameters"]
+    base = base or hp["pretrained_model"]
+    unet = _load_base_unet(base, ckpt_path)
+    recorded = ckpt.get(FINGERPRINT_KEY)
+    if recorded is not None and recorded != (found := base_fingerprint(unet)):
+        raise UserError(
+            f"{ckpt_path}: trained on a base with fingerprint {recorded}, but {base} has {found}; "
+            "pass --base with the base it was trained on"
+        )
+    if hp.get("lora_rank") is not None:
+        add_lora(
+            unet, hp["lora_rank"], hp.get("lora_alpha"), hp.get("lora_target_modules") or DEFAULT_LORA_TARGETS
+        )
+    unet.load_state_dict(_trained_weights(ckpt, unet, ckpt_path, base, ema), strict=False)
+    return unet.eval()
+
+
+def _write_full(unet: nn.Module, out: Path, base: str, dtype: torch.dtype, pipeline: bool) -> None:
+    if dtype != torch.float32:
+        unet.to(dtype)
+    if not pipeline:
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+        return
+    from diffusers import DiffusionPipeline
+
+    try:  # every other component comes from the base, as stored there
+        pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(base), unet=unet, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{base}: cannot load the base pipeline for --pipeline ({first_line(err)})") from err
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _write_lora(unet: nn.Module, out: Path, dtype: torch.dtype) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    config, layers = unet.peft_config["default"], get_peft_model_state_dict(unet)
+    save, extra = StableDiffusionXLPipeline.save_lora_weights, {}
+    if "unet_lora_adapter_metadata" in inspect.signature(save).parameters:
+        extra["unet_lora_adapter_metadata"] = config.to_dict()  # so load_lora_weights applies lora_alpha / r
+    elif config.lora_alpha != config.r:  # older diffusers assume alpha = r: fold the scale into B
+        layers = {k: v * (config.lora_alpha / config.r) if "lora_B" in k else v for k, v in layers.items()}
+    save(out, unet_lora_layers={k: v.to(dtype) for k, v in layers.items()}, **extra)
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    """A hidden, unused name beside ``out`` (a plain name: mkdtemp's folders would be private, mode 700)."""
+    return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    pipeline: bool = False,
+    merge: bool = False,
+    ema: bool = False,
+    dtype: str = "fp32",
+    config: str | Path | None = None,
+    data_summary: str | Path | None = None,
+    metrics: str | Path | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
+    """Export the policy of training checkpoint ``ckpt`` to the folder ``out``; returns ``out``.
+
+    Args:
+        base: base model (hub id or folder) overriding the one recorded in the checkpoint.
+        pipeline: write a complete pipeline folder (full or merged UNet + the base's other components).
+        merge: LoRA only: merge the adapters into the UNet instead of writing adapter weights.
+        ema: export the run's EMA weights instead of the last ones.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for the written weights.
+        config: the run's LightningCLI ``config.yaml`` (default: found next to the checkpoint).
+        data_summary, metrics: JSON files described in the model card.
+        overwrite: replace an existing ``out``.
+        push_to_hub: upload the folder to this Hugging Face repo afterwards.
+    """
+    ckpt_path, out = Path(ckpt), Path(out)
+    torch_dtype = parse_dtype(dtype)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    # read every input before the slow part, so a bad file fails fast
+    checkpoint = load_training_checkpoint(ckpt_path)
+    hp = checkpoint["hyper_parameters"]
+    lora = hp.get("lora_rank") is not None
+    if merge and not lora:
+        raise UserError(f"{ckpt_path}: --merge applies to LoRA checkpoints; this one is a full fine-tune")
+    if pipeline and lora and not merge:
+        raise UserError(f"{ckpt_path}: a LoRA checkpoint makes a full pipeline only with --merge")
+    config_path = Path(config) if config is not None else find_run_config(ckpt_path)
+    facts = CardFacts(
+        name=push_to_hub or out.name,
+        where=push_to_hub or str(out),
+        base=base or hp["pretrained_model"],
+        kind="lora" if lora and not merge else ("merged" if lora else "full"),
+        pipeline=pipeline,
+        ema=ema,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        hparams=dict(hp),
+        step=checkpoint.get("global_step"),
+        fingerprint=checkpoint.get(FINGERPRINT_KEY),
+        config=read_mapping(config_path) if config_path is not None else None,
+        data_summary=read_mapping(data_summary) if data_summary is not None else None,
+        data_hparams=checkpoint.get("datamodule_hyper_parameters"),
+        metrics=read_mapping(metrics) if metrics is not None else None,
+    )
+    unet = rebuild_policy(checkpoint, ckpt_path, facts.base, ema=ema)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "partial")
+    tmp.mkdir()
+    try:
+        if facts.kind == "lora":
+            _write_lora(unet, tmp, torch_dtype)
+        else:
+            if lora:
+                unet.fuse_lora()  # W += (alpha / r) · B A, then drop the adapter modules
+                unet.unload_lora()
+            _write_full(unet, tmp, facts.base, torch_dtype, pipeline)
+        (tmp / "README.md").write_text(render_model_card(facts), encoding="utf-8")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub:
+        push_folder_to_hub(out, push_to_hub, private=private)
+    return out
+
+
+def push_folder_to_hub(folder: str | Path, repo: str, private: bool = False) -> Any:
+    """Create (if needed) the model repo ``repo`` on the Hugging Face hub and upload ``folder`` to it."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="popalign export")
+    except Exception as err:  # offline, no token, no rights: each is the user's to fix
+        raise UserError(f"{folder}: could not push to the hub repo {repo} ({first_line(err)})") from err

@@ -1,0 +1,407 @@
+"""popalign export: round trips through stock diffusers loaders, EMA, the model card and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY_IMAGE, make_batch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from popalign.cli import main
+from popalign.errors import UserError
+from popalign.export import FINGERPRINT_KEY, LORA_WEIGHT_NAME, base_fingerprint, export_checkpoint
+from popalign.model_card import CardFacts, flatten, markdown_table, read_mapping, render_model_card
+from popalign.models.loading import load_unet
+from popalign.module import PopAlignModule
+from popalign.objectives import PopAlignLoss
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        return make_batch(pairs=2, seed=i)
+
+
+def _train(base: str, root, **kw):
+    """Two optimizer steps with a large learning rate (so the weights move), saving root/ckpt/last.ckpt."""
+    module = PopAlignModule(
+        pretrained_model=base,
+        objective=PopAlignLoss(beta=10.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        reference_dtype="float32",
+        ema_decay=0.5,
+        **kw,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
+    )
+    trainer.fit(module, DataLoader(_Batches(), batch_size=None))
+    return module, root / "ckpt" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, tmp_path_factory):
+    return _train(tiny_model, tmp_path_factory.mktemp("full"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    # alpha != rank, so a loader that ignored lora_alpha would sample different images
+    return _train(tiny_model, tmp_path_factory.mktemp("lora"), lora_rank=4, lora_alpha=8.0)
+
+
+def _pipe(path, **kw):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(pipe) -> np.ndarray:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = pipe("a photo of a doctor", num_inference_steps=2, height=32, width=32, num_images_per_prompt=2,
+                   generator=gen, output_type="np")  # fmt: skip
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def base_images(tiny_model):
+    return _sample(_pipe(tiny_model))
+
+
+def _rewrite(ckpt, path, edit):
+    state = torch.load(ckpt, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def _refuses(match: str, named, **kw) -> str:
+    with pytest.raises(UserError, match=match) as err:
+        export_checkpoint(**kw)
+    message = str(err.value)
+    assert "\n" not in message and str(named) in message  # one line, naming the file
+    return message
+
+
+# ---------------------------------------------------------------- round trips
+def test_full_pipeline_round_trip(full_run, tiny_model, base_images, tmp_path):
+    module, ckpt = full_run
+    out = export_checkpoint(ckpt, tmp_path / "aligned", pipeline=True)
+    assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
+    exported = _sample(_pipe(out))
+    np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-5)
+    assert np.abs(exported - base_images).max() > 1e-2
+    # the weights are the policy's, never the reference's (= the base)
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    policy, base = module.policy.state_dict(), load_unet(tiny_model).state_dict()
+    assert saved.keys() == policy.keys()
+    assert all(torch.equal(saved[k], policy[k]) for k in saved)
+    assert not torch.equal(saved["conv_in.weight"], base["conv_in.weight"])
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["library_name"] == "diffusers" and "popalign" in front["tags"]
+
+
+def test_full_unet_only_in_bf16_ignores_reference_weights(full_run, tiny_model, tmp_path):
+    module, ckpt = full_run
+    base = load_unet(tiny_model).state_dict()
+
+    def add_reference(state):  # an older checkpoint that still carried the frozen reference
+        state["state_dict"].update({f"reference.{k}": v for k, v in base.items()})
+
+    ckpt = _rewrite(ckpt, tmp_path / "with_ref.ckpt", add_reference)
+    out = export_checkpoint(ckpt, tmp_path / "unet_only", dtype="bf16")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    policy = module.policy.state_dict()
+    assert all(
+        saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], policy[k].bfloat16()) for k in saved
+    )
+    assert not torch.equal(saved["conv_in.weight"], base["conv_in.weight"].bfloat16())
+
+
+def test_lora_round_trip_with_load_lora_weights(lora_run, tiny_model, base_images, tmp_path):
+    module, ckpt = lora_run
+    out = export_checkpoint(ckpt, tmp_path / "lora")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_WEIGHT_NAME]
+    pipe = _pipe(tiny_model)
+    pipe.load_lora_weights(str(out))
+    exported = _sample(pipe)
+    np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-5)
+    assert np.abs(exported - base_images).max() > 1e-3
+
+
+def test_lora_merged_pipeline_round_trip(lora_run, tiny_model, base_images, tmp_path):
+    module, ckpt = lora_run
+    out = export_checkpoint(ckpt, tmp_path / "merged", merge=True, pipeline=True)
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == load_unet(tiny_model).state_dict().keys()  # a plain UNet, no adapter modules
+    exported = _sample(_pipe(out))
+    np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-4)
+    assert np.abs(exported - base_images).max() > 1e-3
+
+
+# ---------------------------------------------------------------- EMA
+def test_ema_export_full_and_lora(full_run, lora_run, tmp_path):
+    module, ckpt = full_run
+    saved = load_file(
+        export_checkpoint(ckpt, tmp_path / "ema", ema=True) / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    avg = module.ema.state_by_name()
+    assert saved.keys() == avg.keys() and all(torch.equal(saved[k], avg[k]) for k in saved)
+    assert not torch.equal(saved["conv_in.weight"], module.policy.conv_in.weight.detach())
+
+    module, ckpt = lora_run
+    saved = load_file(export_checkpoint(ckpt, tmp_path / "lora_ema", ema=True) / LORA_WEIGHT_NAME)
+    # diffusers names: unet.<module>.lora_A.weight; peft's: <module>.lora_A.default.weight
+    avg = {f"unet.{k.replace('.default.', '.')}": v for k, v in module.ema.state_by_name().items()}
+    assert saved.keys() == avg.keys() and all(torch.equal(saved[k], avg[k]) for k in saved)
+
+
+def test_ema_asked_but_absent(full_run, tmp_path):
+    def drop_ema(state):
+        state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
+
+    ckpt = _rewrite(full_run[1], tmp_path / "no_ema.ckpt", drop_ema)
+    _refuses("no EMA weights", ckpt, ckpt=ckpt, out=tmp_path / "out", ema=True)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- refusals
+def test_unreadable_or_foreign_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    _refuses("not found", tmp_path / "missing.ckpt", ckpt=tmp_path / "missing.ckpt", out=out)
+    _refuses("is a folder", tmp_path, ckpt=tmp_path, out=out)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    _refuses("not a PyTorch checkpoint", text, ckpt=text, out=out)
+    archive = tmp_path / "notes.zip"  # a zip archive, as torch.save writes, but not torch's
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    _refuses("not a readable PyTorch checkpoint", archive, ckpt=archive, out=out)
+    weights = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(2)}, weights)
+    _refuses("no 'state_dict'", weights, ckpt=weights, out=out)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"net.weight": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, other)
+    _refuses("not a popalign training checkpoint", other, ckpt=other, out=out)
+    assert not out.exists()
+
+
+def test_missing_base_and_base_override(full_run, tiny_model, tmp_path):
+    def move_base(state):
+        state["hyper_parameters"]["pretrained_model"] = str(tmp_path / "old_machine" / "model")
+
+    ckpt = _rewrite(full_run[1], tmp_path / "moved.ckpt", move_base)
+    _refuses("base model .* is not found", ckpt, ckpt=ckpt, out=tmp_path / "out")
+    moved = shutil.copytree(tiny_model, tmp_path / "new_machine" / "model")
+    out = export_checkpoint(ckpt, tmp_path / "out", base=str(moved))
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert f"`{moved}`" in (out / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def other_bases(tmp_path_factory):
+    from popalign.models.tiny import TinySDXLConfig, save_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("bases")
+    wider = save_tiny_sdxl(root / "wider", TinySDXLConfig(image_size=TINY_IMAGE, unet_channels=(32, 96)))
+    reseeded = save_tiny_sdxl(root / "reseeded", TinySDXLConfig(image_size=TINY_IMAGE, seed=1))
+    return str(wider), str(reseeded)
+
+
+def test_lora_onto_a_different_base(lora_run, tiny_model, other_bases, tmp_path):
+    wider, reseeded = other_bases
+    ckpt = lora_run[1]
+    # the module records its base's fingerprint, so a wider base is refused before shapes are compared
+    _refuses("fingerprint .* pass --base", ckpt, ckpt=ckpt, out=tmp_path / "a", base=wider)
+    # without a recorded fingerprint the adapter shapes still give the mismatch away
+    unprinted = _rewrite(ckpt, tmp_path / "unprinted.ckpt", lambda s: s.pop(FINGERPRINT_KEY))
+    _refuses("shape .* pass --base", unprinted, ckpt=unprinted, out=tmp_path / "a", base=wider)
+
+    # same architecture, other weights: only a recorded fingerprint can tell
+    fingerprint = base_fingerprint(load_unet(tiny_model))
+    assert fingerprint != base_fingerprint(load_unet(reseeded))
+    assert base_fingerprint(lora_run[0].policy) == fingerprint  # adapters do not change the base's print
+    assert torch.load(ckpt, weights_only=True)[FINGERPRINT_KEY] == fingerprint
+    ckpt = _rewrite(ckpt, tmp_path / "printed.ckpt", lambda s: s.__setitem__(FINGERPRINT_KEY, fingerprint))
+    _refuses("fingerprint", ckpt, ckpt=ckpt, out=tmp_path / "b", base=reseeded)
+    out = export_checkpoint(ckpt, tmp_path / "c")
+    assert fingerprint in (out / "README.md").read_text()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path):
+    _refuses("--merge applies to LoRA", full_run[1], ckpt=full_run[1], out=tmp_path / "x", merge=True)
+    _refuses("only with --merge", lora_run[1], ckpt=lora_run[1], out=tmp_path / "x", pipeline=True)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _refuses("already exists", out, ckpt=full_run[1], out=out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_checkpoint(full_run[1], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as any folder the user makes
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_failed_write_leaves_no_folder(full_run, tmp_path, monkeypatch):
+    import popalign.export as export
+
+    def broken_card(facts):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "render_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_checkpoint(full_run[1], tmp_path / "half")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
+
+
+# ---------------------------------------------------------------- the model card
+def test_model_card_reads_config_summary_and_metrics(full_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = shutil.copy(full_run[1], run / "checkpoints" / "last.ckpt")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 750, "precision": "bf16-mixed"},
+        "model": {
+            "class_path": "popalign.module.PopAlignModule",
+            "init_args": {
+                "objective": {
+                    "class_path": "popalign.objectives.PopAlignLoss",
+                    "init_args": {"beta": 5000.0},
+                },
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-7}},
+            },
+        },
+        "data": {"train_shards": "data/shards", "pairs_per_group": 4},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))  # where LightningCLI writes it: the log dir
+    summary = tmp_path / "summary.json"
+    summary.write_text(
+        json.dumps(
+            {
+                "axes": ["gender", "race"],
+                "groups_written": 12,
+                "shards": [f"shard-{i:06d}.tar" for i in range(20)],
+                "prompts": {"neutral": 3, "skipped": [{"neutral_id": "n1"}, {"neutral_id": "n2"}]},
+                "inputs": {"labels": "0123abcd"},
+            }
+        )
+    )
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"neutral": {"discrepancy": 0.123456, "n": 400}, "fid": 21.5}))
+    card = (
+        export_checkpoint(ckpt, tmp_path / "out", data_summary=summary, metrics=metrics) / "README.md"
+    ).read_text()
+    for row in [
+        "| objective | popalign.objectives.PopAlignLoss |",
+        "| objective / beta | 5000 |",  # 5000.0 to 4 significant digits
+        "| optimizer / lr | 5e-07 |",
+        "| trainer / precision | bf16-mixed |",
+        "| ema_decay | 0.5 |",
+        "| optimizer steps | 2 |",
+        "| axes | gender, race |",
+        "| groups_written | 12 |",
+        "| shards | 20 items |",  # long lists are counted, not listed
+        "| prompts / neutral | 3 |",
+        "| prompts / skipped | 2 entries |",
+        "| neutral / discrepancy | 0.1235 |",  # 0.123456 -> 4 significant digits
+        "| neutral / n | 400 |",
+        "| fid | 21.5 |",
+    ]:
+        assert row in card, row
+    assert "Aligned over: gender, race." in card and "0123abcd" not in card
+    assert f'from_pretrained("{tmp_path / "out"}"' in card  # the usage snippet names the folder
+    assert "see the base model's card for its license" in card
+    # without a config the card says where the objective would come from, and uses the data module's args
+    plain = (export_checkpoint(full_run[1], tmp_path / "plain") / "README.md").read_text()
+    assert "pass --config" in plain and "## Evaluation" not in plain
+
+
+def test_card_for_the_sdxl_hub_base():
+    card = render_model_card(
+        CardFacts(name="me/fair-sdxl", base=SDXL, kind="lora", hparams={"lora_rank": 16})
+    )
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == SDXL and front["license"] == "openrail++"
+    assert {"lora", "stable-diffusion-xl"} <= set(front["tags"])
+    assert "CreativeML Open RAIL++-M" in card and "LoRA (rank 16, alpha 16) adapters" in card
+    assert f'from_pretrained("{SDXL}"' in card and 'load_lora_weights("me/fair-sdxl")' in card
+    other = render_model_card(CardFacts(name="x", base="someone/other-model", kind="full", pipeline=True))
+    assert "license" not in yaml.safe_load(other.split("---")[1]) and "see the base model's card" in other
+
+
+def test_flatten_and_table():
+    rows = flatten({"a": {"b": 1, "c": [0.5, 0.25]}, "d": [{"e": True}], "f": None})
+    assert rows == [("a / b", 1), ("a / c", [0.5, 0.25]), ("d / 0 / e", True), ("f", None)]
+    assert markdown_table(rows[:1] + [("x|y", 2 / 3)]).splitlines() == [
+        "| metric | value |",
+        "| --- | --- |",
+        "| a / b | 1 |",
+        "| x\\|y | 0.6667 |",  # 2/3 to 4 significant digits, the pipe escaped
+    ]
+
+
+def test_bad_card_inputs_name_the_file(full_run, tmp_path):
+    broken = tmp_path / "metrics.json"
+    broken.write_text("{oops")
+    _refuses("not valid JSON", broken, ckpt=full_run[1], out=tmp_path / "o", metrics=broken)
+    listed = tmp_path / "summary.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(UserError, match="expected a mapping"):
+        read_mapping(listed)
+    _refuses(
+        "not found",
+        tmp_path / "nope.yaml",
+        ckpt=full_run[1],
+        out=tmp_path / "o",
+        config=tmp_path / "nope.yaml",
+    )
+
+
+def test_cli(full_run, tmp_path, capsys):
+    assert main(["export", str(full_run[1]), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
+    assert (tmp_path / "cli" / "unet" / "config.json").is_file()
+    assert main(["export", str(tmp_path / "gone.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gone.ckpt" in err and err.startswith("popalign export: error:")
+
+
+def test_run_config_is_found_where_lightning_writes_it(tmp_path):
+    from popalign.model_card import find_run_config
+
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    assert find_run_config(ckpt) is None
+    logged = tmp_path / "runs" / "tiny" / "logs" / "version_0" / "config.yaml"  # configs/tiny.yaml's layout
+    logged.parent.mkdir(parents=True)
+    logged.write_text("seed_everything: 0\n")
+    assert find_run_config(ckpt) == logged
+    beside = ckpt.parent.parent / "config.yaml"  # the default layout: <log_dir>/checkpoints/
+    beside.write_text("seed_everything: 1\n")
+    assert find_run_config(ckpt) == beside
