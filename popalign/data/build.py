@@ -1,0 +1,334 @@
+"""``popalign build``: preferred and dispreferred populations from labelled images, as training shards.
+
+For every neutral prompt, each of ``G`` groups holds:
+
+* a *preferred* population of ``K`` images of its augmented prompts, balanced to the axes' joint
+  target ``p``: ``n_c`` members of joint class ``c`` with ``n = largest_remainder(K * p)``, drawn
+  without replacement; an image is usable only when its labels agree with every class its prompt
+  names and are not ``unknown`` (the others are excluded and counted);
+* a *dispreferred* population of ``K`` images of the neutral prompt itself.
+
+Both are captioned with the neutral prompt, encoded once per prompt with both SDXL text encoders.
+Latents come from ``generate`` (VAE-encoded here only for images without ``latent.npy``). The shards
+follow ``docs/shards.md``; ``summary.json`` records the counts. Shards are built in ``OUT/.partial``
+and moved into place when all are written; a re-run with unchanged inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popalign.data.axes import UNKNOWN, BiasAxis, Intersection, load_axes
+from popalign.data.encode import (
+    TEXT_COMPONENTS,
+    TextEncoders,
+    encode_images,
+    require_components,
+    time_ids,
+)
+from popalign.data.generate import _component_path
+from popalign.data.images import image_shards, iter_image_samples
+from popalign.data.label import read_labels
+from popalign.data.prompts import PromptRow, read_prompt_table
+from popalign.errors import UserError, first_line
+
+
+@dataclass
+class BuildSettings:
+    """How populations are drawn: ``K`` members each, ``G`` groups per neutral prompt."""
+
+    population_size: int = 16
+    groups_per_prompt: int = 4
+    seed: int = 0
+    shard_size: int = 100
+
+    def check(self) -> None:
+        for name in ("population_size", "groups_per_prompt", "shard_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def largest_remainder(
+    target: Sequence[float], total: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Integer counts ``n_c`` summing to ``total`` closest to ``total * p_c``.
+
+    ``n_c = floor(total * p_c)``, then one more for each of the ``total - sum(n)`` classes with the
+    largest remainders ``total * p_c - n_c``; equal remainders are taken in random order when ``rng``
+    is given (so no class is favoured across groups), else lowest index first.
+    E.g. ``p = (0.5, 0.3, 0.2)``, ``total = 4``: exact (2, 1.2, 0.8) -> floors (2, 1, 0) -> +1 to the
+    largest remainder 0.8 -> (2, 1, 1).
+    """
+    exact = np.asarray(target, dtype=float) * total
+    counts = np.floor(exact + 1e-9).astype(int)
+    rest = np.round(exact - counts, 9)  # equal in exact arithmetic -> equal here
+    order = rng.permutation(len(rest)) if rng is not None else np.arange(len(rest))
+    ranked = order[np.argsort(-rest[order], kind="stable")]
+    counts[ranked[: total - counts.sum()]] += 1
+    return counts
+
+
+@dataclass
+class _Image:
+    key: str
+    labels: dict
+    source: str
+    seed: int
+    latent: np.ndarray | None
+    pixels: np.ndarray | None
+
+
+def _fingerprint(paths: Sequence[Path], **extra: Any) -> str:
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps([stats, extra], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _vae_geometry(source: str) -> tuple[int, int]:
+    """(latent channels, downsampling factor) from a VAE config."""
+    from diffusers import AutoencoderKL
+
+    try:
+        cfg = AutoencoderKL.load_config(source, **_component_path(source, "vae"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source}: cannot read the VAE config ({first_line(err)})") from None
+    return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
+def _index_images(
+    images: Path, labels: Path, prompts: Path, label_rows: dict, table: dict, geometry: tuple
+) -> dict:
+    """prompt_id -> its images, checking them against the labels, the prompt table and each other."""
+    by_prompt: dict[str, list[_Image]] = defaultdict(list)
+    seen, size = set(), None
+    for s in iter_image_samples(images):
+        if s.prompt_id not in table:
+            raise UserError(f"{s.where}: prompt_id {s.prompt_id!r} is not in {prompts}")
+        row = label_rows.get(s.key)
+        if row is None:
+            raise UserError(
+                f"{labels}: no label for {s.where}; the labels do not match the images (run popalign label)"
+            )
+        if row["prompt_id"] != s.prompt_id:
+            raise UserError(
+                f"{labels}: label of {s.key!r} is for prompt {row['prompt_id']!r}, the image's is {s.prompt_id!r}"
+            )
+        hw = s.image_size()
+        if hw != (s.meta["height"], s.meta["width"]) or (size is not None and hw != size):
+            want = size or (s.meta["height"], s.meta["width"])
+            raise UserError(
+                f"{s.where}: image is {hw[0]}x{hw[1]}, expected {want[0]}x{want[1]} (images of the wrong size)"
+            )
+        size = hw
+        latent = s.latent()
+        channels, f = geometry
+        if latent is not None and latent.shape != (channels, hw[0] // f, hw[1] // f):
+            raise UserError(
+                f"{s.where}: latent.npy has shape {list(latent.shape)}, the model's VAE gives {[channels, hw[0] // f, hw[1] // f]}"
+            )
+        pixels = s.image() if latent is None else None
+        by_prompt[s.prompt_id].append(
+            _Image(s.key, row["labels"], s.meta["prompt"], int(s.meta["seed"]), latent, pixels)
+        )
+        seen.add(s.key)
+    extra = sorted(set(label_rows) - seen)
+    if extra:
+        raise UserError(
+            f"{labels}: {len(extra)} labelled images are not in {images} (e.g. {extra[0]!r}); the labels do not match the images"
+        )
+    return {"by_prompt": by_prompt, "size": size}
+
+
+def _plan(
+    rows: Sequence[PromptRow], by_prompt: dict, joint: Intersection, s: BuildSettings, summary: dict
+) -> list:
+    """(neutral row, group index, preferred images, dispreferred images) for every group to write."""
+    axes, k = joint.axes, s.population_size
+    plan = []
+    for row in (r for r in rows if r.kind == "neutral"):
+        neutral = by_prompt.get(row.prompt_id, [])
+        pools: list[list[_Image]] = [[] for _ in range(joint.num_classes)]
+        for aug in (r for r in rows if r.kind == "augmented" and r.neutral_id == row.neutral_id):
+            for img in by_prompt.get(aug.prompt_id, []):
+                if any(img.labels[a.name] == UNKNOWN for a in axes):
+                    summary["excluded"]["unknown"] += 1
+                elif any(a.name in aug.classes and img.labels[a.name] != aug.classes[a.name] for a in axes):
+                    summary["excluded"]["label_disagreed"] += 1
+                else:
+                    pools[joint.index(img.labels)].append(img)
+        rng = np.random.default_rng([s.seed, zlib.crc32(row.neutral_id.encode())])
+        quotas = [largest_remainder(joint.target, k, rng) for _ in range(s.groups_per_prompt)]
+        need = np.max(quotas, axis=0)
+        short = [
+            f"{joint.class_names[c]} {len(p)}/{need[c]}" for c, p in enumerate(pools) if len(p) < need[c]
+        ]
+        reason = f"{len(neutral)} neutral images, need {k}" if len(neutral) < k else None
+        if short:
+            reason = "too few usable augmented images (class usable/needed): " + ", ".join(short[:4])
+        if reason:
+            summary["prompts"]["skipped"].append(
+                {"neutral_id": row.neutral_id, "prompt": row.prompt, "reason": reason}
+            )
+            continue
+        for g, quota in enumerate(quotas):
+            pref = [
+                pools[c][i] for c, q in enumerate(quota) for i in rng.choice(len(pools[c]), q, replace=False)
+            ]
+            pref = [pref[i] for i in rng.permutation(k)]
+            disp = [neutral[i] for i in rng.choice(len(neutral), k, replace=False)]
+            plan.append((row, g, pref, disp))
+    return plan
+
+
+def _count(plan: list, joint: Intersection) -> dict:
+    counts: dict[str, Any] = {}
+    for side, idx in (("preferred", 2), ("dispreferred", 3)):
+        per_axis = {a.name: Counter() for a in joint.axes}
+        joint_counts: Counter = Counter()
+        for item in plan:
+            for img in item[idx]:
+                for a in joint.axes:
+                    per_axis[a.name][img.labels[a.name]] += 1
+                names = [img.labels[a.name] for a in joint.axes]
+                joint_counts[UNKNOWN if UNKNOWN in names else "/".join(names)] += 1
+        counts[side] = {
+            **{n: dict(sorted(c.items())) for n, c in per_axis.items()},
+            "joint": dict(sorted(joint_counts.items())),
+        }
+    return counts
+
+
+def build_populations(
+    images: str | Path,
+    labels: str | Path,
+    prompts: str | Path,
+    model: str,
+    out: str | Path,
+    axes: Sequence[BiasAxis] | None = None,
+    settings: BuildSettings | None = None,
+    vae: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Build population shards in ``out`` and return the summary (also written to ``out/summary.json``)."""
+    from popalign.data.schema import PopulationGroup
+    from popalign.data.shards import PopulationShardWriter
+
+    s = settings or BuildSettings()
+    s.check()
+    images, labels, prompts, out = Path(images), Path(labels), Path(prompts), Path(out)
+    require_components(model, TEXT_COMPONENTS + (() if vae else ("vae",)))  # before any work
+    rows = read_prompt_table(prompts)
+    if axes is None:
+        axes = load_axes(dict.fromkeys(a for r in rows for a in r.classes))
+    if not axes:
+        raise UserError(f"{prompts}: no augmented rows name an axis; pass --axes")
+    joint = Intersection(axes)
+    inputs = _fingerprint(
+        [*image_shards(images), labels, prompts],
+        model=model,
+        vae=vae,
+        axes=[a.to_dict() for a in axes],
+        settings=asdict(s),
+    )
+    old = out / "summary.json"
+    try:
+        previous = json.loads(old.read_text()) if old.is_file() else {}
+    except ValueError:
+        previous = {}  # unreadable: rebuild
+    if previous.get("inputs") == inputs and all((out / n).is_file() for n in previous.get("shards", [])):
+        return {**previous, "up_to_date": True}
+
+    label_rows = read_labels(labels, axes)
+    index = _index_images(
+        images, labels, prompts, label_rows, {r.prompt_id: r for r in rows}, _vae_geometry(vae or model)
+    )
+    summary: dict[str, Any] = {
+        "groups_written": 0, "population_size": s.population_size, "groups_per_prompt": s.groups_per_prompt,
+        "seed": s.seed, "axes": [a.name for a in axes], "target": dict(zip(joint.class_names, joint.target)),
+        "prompts": {"neutral": sum(r.kind == "neutral" for r in rows), "built": 0, "skipped": []},
+        "excluded": {"label_disagreed": 0, "unknown": 0}, "image_size": list(index["size"]),
+        "model": model, "vae_encoded": 0,
+    }  # fmt: skip
+    plan = _plan(rows, index["by_prompt"], joint, s, summary)
+    summary["prompts"]["built"] = len({item[0].prompt_id for item in plan})
+
+    captions = list(dict.fromkeys(item[0].prompt for item in plan))
+    embeds, pooled = (
+        TextEncoders.from_pretrained(model, device=device).encode(captions) if captions else (None, None)
+    )
+    missing = list({id(i): i for item in plan for i in (*item[2], *item[3]) if i.latent is None}.values())
+    if missing:
+        import torch
+        from diffusers import AutoencoderKL
+
+        source = vae or model
+        net = AutoencoderKL.from_pretrained(
+            source, torch_dtype=torch.float32, **_component_path(source, "vae")
+        )
+        net.to(device).eval()
+        for start in range(0, len(missing), 16):
+            chunk = missing[start : start + 16]
+            for img, z in zip(chunk, encode_images(net, np.stack([i.pixels for i in chunk]))):
+                img.latent = z
+        summary["vae_encoded"] = len(missing)
+
+    staging = out / ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    h, w = index["size"]
+    with PopulationShardWriter(staging, prefix="shard", maxcount=s.shard_size) as writer:
+        for row, g, pref, disp in plan:
+            c = captions.index(row.prompt)
+            meta = {
+                "prompt": row.prompt, "prompt_id": row.prompt_id, "neutral_id": row.neutral_id,
+                "axes": [a.name for a in axes],
+                "preferred_labels": [{a.name: i.labels[a.name] for a in axes} for i in pref],
+                "dispreferred_labels": [{a.name: i.labels[a.name] for a in axes} for i in disp],
+                "preferred_sources": [i.source for i in pref], "dispreferred_sources": [i.source for i in disp],
+                "preferred_keys": [i.key for i in pref], "dispreferred_keys": [i.key for i in disp],
+                "seeds": [i.seed for i in (*pref, *disp)],
+            }  # fmt: skip
+            writer.write(PopulationGroup(
+                key=f"{row.neutral_id}-g{g:04d}",
+                preferred=np.stack([i.latent for i in pref]).astype(np.float16),
+                dispreferred=np.stack([i.latent for i in disp]).astype(np.float16),
+                prompt_embeds=embeds[c], pooled_prompt_embeds=pooled[c], time_ids=time_ids(h, w), meta=meta,
+            ))  # fmt: skip
+    old.unlink(missing_ok=True)  # from here until the new summary, the folder is visibly incomplete
+    for stale in out.glob("shard-*.tar"):
+        stale.unlink()
+    names = []
+    for path in writer.paths:
+        names.append(Path(path).name)
+        os.replace(path, out / names[-1])
+    shutil.rmtree(staging, ignore_errors=True)
+    summary.update(groups_written=len(plan), shards=names, counts=_count(plan, joint), inputs=inputs)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, old)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal."""
+    p, e = summary["prompts"], summary["excluded"]
+    lines = [
+        f"groups written: {summary['groups_written']} in {len(summary['shards'])} shard(s)"
+        + (" (up to date, nothing rebuilt)" if summary.get("up_to_date") else ""),
+        f"neutral prompts: {p['neutral']}, built {p['built']}, skipped {len(p['skipped'])}",
+        f"excluded augmented images: {e['label_disagreed']} label disagreed, {e['unknown']} unknown",
+    ]
+    lines += [f"  skipped {x['neutral_id']} ({x['prompt']}): {x['reason']}" for x in p["skipped"][:10]]
+    for side in ("preferred", "dispreferred"):
+        joint = summary.get("counts", {}).get(side, {}).get("joint", {})
+        lines.append(f"{side}: " + ", ".join(f"{k} {v}" for k, v in joint.items()))
+    return "\n".join(lines)

@@ -1,0 +1,358 @@
+"""``popalign generate``: sample images *and their final latents* from an SDXL pipeline.
+
+Every image keeps the latent the pipeline produced before decoding (in the UNet's scaled space,
+exactly what training consumes), so ``build`` never has to VAE-encode. Output: webdataset tar
+shards ``DIR/images-r{rank}-{index:06d}.tar`` (format, writer and reader below); a shard holds whole
+prompts and is renamed into place when complete, then its prompt ids are appended to
+``DIR/done-r{rank}.jsonl``, so a re-run skips them. Per-image seeds are a hash of
+(seed, prompt_id, index): an image does not depend on batch size, device count or order.
+Several devices: a Lightning ``Trainer.predict`` splits the prompts over ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popalign.data.encode import decode_latents, require_components
+from popalign.data.images import KEY_RE, ImageShardWriter, completed_prompts, encode_image
+from popalign.data.prompts import PromptRow
+from popalign.errors import UserError, first_line
+
+PIPELINE_COMPONENTS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+)
+
+
+def image_seed(seed: int, prompt_id: str, index: int) -> int:
+    """The seed of image ``index`` of ``prompt_id``: 63 bits of ``blake2b("seed:prompt_id:index")``."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_id}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _component_path(path: str, subfolder: str) -> dict[str, Any]:
+    # accept either the component folder itself or a pipeline/export folder holding it
+    if (Path(path) / subfolder / "config.json").is_file():
+        return {"subfolder": subfolder}
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise UserError(
+            f"{path}: neither a {subfolder} folder (config.json) nor a folder with '{subfolder}/'"
+        )
+    return {}
+
+
+def load_pipeline(
+    model: str,
+    vae: str | None = None,
+    unet: str | None = None,
+    lora: str | None = None,
+    dtype: str = "float32",
+    vae_dtype: str | None = None,
+    device: Any = None,
+) -> Any:
+    """``StableDiffusionXLPipeline.from_pretrained(model)``, optionally with another VAE, UNet or LoRA.
+
+    Args:
+        model: hub id or local diffusers folder.
+        vae: an ``AutoencoderKL`` folder/id replacing the pipeline's (e.g. the fp16-fix VAE).
+        unet: a ``UNet2DConditionModel`` folder (or an export folder holding ``unet/``).
+        lora: LoRA weights for ``pipe.load_lora_weights``.
+        dtype: dtype of the pipeline (``float32``, ``bfloat16``, ``float16``).
+        vae_dtype: dtype the VAE decodes in; default float32 when ``dtype`` is float16 (the stock
+            SDXL VAE overflows in fp16), else ``dtype``.
+        device: where to put the pipeline (None leaves it on the CPU).
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from popalign.models.loading import parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    # the stock SDXL VAE overflows in fp16: decode in float32 unless told otherwise
+    decode_dtype = (
+        parse_dtype(vae_dtype)
+        if vae_dtype
+        else (torch.float32 if torch_dtype == torch.float16 else torch_dtype)
+    )
+    replaced = {"vae": vae, "unet": unet}
+    require_components(model, [c for c in PIPELINE_COMPONENTS if replaced.get(c) is None])
+
+    def attempt(source: str, what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except (OSError, ValueError, json.JSONDecodeError) as err:
+            raise UserError(f"{source}: cannot load the {what} ({first_line(err)})") from None
+
+    parts: dict[str, Any] = {}
+    if vae:
+        kw = _component_path(vae, "vae")
+        parts["vae"] = attempt(
+            vae, "VAE", lambda: AutoencoderKL.from_pretrained(vae, torch_dtype=decode_dtype, **kw)
+        )
+    if unet:
+        kw = _component_path(unet, "unet")
+        parts["unet"] = attempt(
+            unet, "UNet", lambda: UNet2DConditionModel.from_pretrained(unet, torch_dtype=torch_dtype, **kw)
+        )
+    pipe = attempt(
+        model,
+        "pipeline",
+        lambda: StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, **parts),
+    )
+    if lora:
+        attempt(lora, "LoRA weights", lambda: pipe.load_lora_weights(lora))
+    if pipe.vae.dtype != decode_dtype:
+        pipe.vae.to(dtype=decode_dtype)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one image per (prompt, seed): ``(images uint8 [N, H, W, 3], latents float16 [N, 4, h, w])``.
+
+    The pipeline runs with ``output_type="latent"``; those final latents (scaled space) are kept and
+    decoded with :func:`decode_latents`. Each image's starting noise comes from its own CPU
+    generator seeded with its seed, so it is the same on any device and in any batch.
+    """
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        latents = pipe(
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="latent",
+        ).images
+        images = decode_latents(pipe.vae, latents)
+    return images, latents.to(torch.float16).cpu().numpy()
+
+
+@dataclass
+class GenerateSettings:
+    """What is sampled; recorded in ``DIR/generate.json`` so a resumed run cannot mix settings."""
+
+    model: str
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 30
+    guidance_scale: float = 5.0
+    height: int = 1024
+    width: int = 1024
+    dtype: str = "float32"
+    vae: str | None = None
+    unet: str | None = None
+    lora: str | None = None
+    image_format: str = "png"
+
+    def check(self) -> None:
+        """``UserError`` for values no pipeline can use."""
+        for name in ("images_per_prompt", "steps", "height", "width"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.height % 8 or self.width % 8:
+            raise UserError(f"--height and --width must be multiples of 8, got {self.height}x{self.width}")
+        if self.image_format not in ("png", "jpg"):
+            raise UserError(f"--image-format must be png or jpg, got {self.image_format!r}")
+
+
+def record_settings(out: Path, settings: GenerateSettings) -> None:
+    """Write ``out/generate.json``, or check that an earlier run used the same sampler settings."""
+    path = out / "generate.json"
+    # an image depends on everything but the count per prompt: runs may differ in that alone
+    # (e.g. more images for neutral prompts, sampled with --kinds neutral)
+    new = {k: v for k, v in asdict(settings).items() if k != "images_per_prompt"}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: unreadable ({err})") from None
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(
+                f"{path}: {out} was generated with {k}={old.get(k)!r}, not {new[k]!r}; "
+                "use the same settings to resume or another --out"
+            )
+        return
+    tmp = out / f".generate.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(new, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class PromptSampler:
+    """Samples every image of one prompt row in batches and hands the samples to a writer."""
+
+    def __init__(self, pipe: Any, settings: GenerateSettings, writer: ImageShardWriter, batch_size: int = 4):
+        self.pipe, self.settings, self.writer = pipe, settings, writer
+        self.batch_size = max(1, batch_size)
+
+    def __call__(self, row: PromptRow, progress: Any = None) -> int:
+        s = self.settings
+        seeds = [image_seed(s.seed, row.prompt_id, i) for i in range(s.images_per_prompt)]
+        samples = []
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = seeds[start : start + self.batch_size]
+            images, latents = sample(
+                self.pipe, [row.prompt] * len(chunk), chunk, s.steps, s.guidance_scale, s.height, s.width
+            )
+            for j, (image, latent, seed) in enumerate(zip(images, latents, chunk)):
+                meta = {
+                    **{
+                        k: getattr(row, k)
+                        for k in ("prompt_id", "neutral_id", "kind", "prompt", "neutral", "classes")
+                    },
+                    "index": start + j,
+                    "seed": seed,
+                    **{k: getattr(s, k) for k in ("guidance_scale", "steps", "height", "width", "model")},
+                }
+                key = f"{row.prompt_id}-{start + j:04d}"
+                samples.append(encode_image(key, image, latent, meta, s.image_format))
+            if progress is not None:
+                progress.update(len(chunk))
+        self.writer.write_prompt(row.prompt_id, samples)
+        return len(samples)
+
+
+# ---------------------------------------------------------------- the run
+def _local_device(accelerator: str) -> str:
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "mps"
+    return "cpu"
+
+
+def generate(
+    rows: Sequence[PromptRow],
+    settings: GenerateSettings,
+    out: str | Path,
+    *,
+    batch_size: int = 4,
+    shard_size: int = 1000,
+    devices: int = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    vae_dtype: str | None = None,
+    use_trainer: bool | None = None,
+    progress: bool = True,
+    pipe: Any = None,
+) -> dict:
+    """Sample ``settings.images_per_prompt`` images for every row not yet done; returns a report.
+
+    ``use_trainer`` (default: when ``devices`` or ``num_nodes`` > 1) runs a Lightning
+    ``Trainer.predict`` whose distributed sampler splits the rows over ranks; each rank writes its
+    own shards. Otherwise a plain loop on one device. ``pipe`` skips loading (tests, notebooks).
+    """
+    from tqdm.auto import tqdm
+
+    settings.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = next((r.prompt_id for r in rows if not KEY_RE.fullmatch(r.prompt_id)), None)
+    if bad is not None:
+        raise UserError(f"prompt_id {bad!r}: use letters, digits, '_' and '-' only (it becomes a tar key)")
+    record_settings(out, settings)
+    done = completed_prompts(out)
+    todo = [r for r in rows if r.prompt_id not in done]
+    report = {"prompts": len(rows), "already_done": len(rows) - len(todo), "images": 0, "seconds": 0.0}
+    if not todo:
+        return report
+    distributed = use_trainer if use_trainer is not None else (devices > 1 or num_nodes > 1)
+    if pipe is None:
+        pipe = load_pipeline(
+            settings.model, settings.vae, settings.unet, settings.lora, settings.dtype, vae_dtype,
+            device=None if distributed else _local_device(accelerator),
+        )  # fmt: skip
+    start = time.perf_counter()
+    if distributed:
+        report["images"] = _predict(
+            pipe, todo, settings, out, batch_size, shard_size, devices, num_nodes, accelerator, progress
+        )
+    else:
+        total = len(todo) * settings.images_per_prompt
+        with (
+            ImageShardWriter(out, 0, shard_size) as writer,
+            tqdm(total=total, unit="img", disable=not progress) as bar,
+        ):
+            sampler = PromptSampler(pipe, settings, writer, batch_size)
+            report["images"] = sum(sampler(row, bar) for row in todo)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _predict(
+    pipe, rows, settings, out, batch_size, shard_size, devices, num_nodes, accelerator, progress
+) -> int:
+    import lightning as L
+    import torch
+    from torch import nn
+    from tqdm.auto import tqdm
+
+    class Generation(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            # registered so that Lightning moves the pipeline's models to this rank's device
+            self.parts = nn.ModuleDict({k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)})
+            self.images = 0
+
+        def on_predict_start(self) -> None:
+            self.writer = ImageShardWriter(out, self.global_rank, shard_size)
+            self.bar = tqdm(unit="img", disable=not progress or self.global_rank != 0)
+            self.sampler = PromptSampler(pipe, settings, self.writer, batch_size)
+
+        def transfer_batch_to_device(self, batch: list, device: Any, dataloader_idx: int) -> list:
+            return batch  # prompt rows are text: nothing to move
+
+        def predict_step(self, batch: list, batch_idx: int) -> int:
+            n = sum(self.sampler(row, self.bar) for row in batch)
+            self.images += n
+            return n
+
+        def on_predict_end(self) -> None:
+            self.writer.close()
+            self.bar.close()
+
+    module = Generation()
+    loader = torch.utils.data.DataLoader(list(rows), batch_size=1, collate_fn=list)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    try:
+        trainer.predict(module, loader, return_predictions=False)
+    finally:
+        if hasattr(module, "writer"):
+            module.writer.abort()  # no-op after a clean close
+    return module.images

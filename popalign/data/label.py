@@ -1,0 +1,161 @@
+"""``popalign label``: attribute labels for every generated image, as a JSONL table.
+
+One row per image: ``{"key", "prompt_id", "shard", "labels": {axis: class name or "unknown"},
+"probabilities": {axis: [p_1, ..., p_C]}}`` (probabilities when the classifier gives them). Rows are
+appended to ``OUT.partial`` as batches finish and the file is renamed to ``OUT`` at the end, so a
+half-done table never looks complete; a re-run keeps the rows already in ``OUT`` or ``OUT.partial``
+and labels only the images that lack one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from popalign.data.axes import UNKNOWN, BiasAxis
+from popalign.data.classifiers import AttributeClassifier
+from popalign.data.images import ImageSample, iter_image_samples
+from popalign.errors import UserError
+
+LABEL_KEYS = ("key", "prompt_id", "labels")
+
+
+def read_labels(path: str | Path, axes: Sequence[BiasAxis] = (), partial: bool = False) -> dict[str, dict]:
+    """Label rows by key; ``UserError`` naming file and line for a bad row.
+
+    Checks each row has ``key``, ``prompt_id`` and ``labels``; with ``axes``, that every axis is
+    labelled with one of its classes or ``"unknown"``. ``partial=True`` drops a last line cut short
+    by a crash instead of failing.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read labels ({err.strerror or err})") from None
+    rows: dict[str, dict] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if partial and n == len(lines):
+                break
+            raise UserError(f"{where}: not valid JSON") from None
+        missing = [k for k in LABEL_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+        if not isinstance(row["labels"], dict):
+            raise UserError(f"{where}: 'labels' must map axis to class name")
+        for axis in axes:
+            value = row["labels"].get(axis.name)
+            if value is None:
+                raise UserError(f"{where}: no label for axis {axis.name!r}")
+            if value != UNKNOWN and value not in axis.class_names:
+                raise UserError(
+                    f"{where}: {value!r} is not a class of axis {axis.name!r} ({', '.join(axis.class_names)})"
+                )
+        if row["key"] in rows:
+            raise UserError(f"{where}: duplicate key {row['key']!r}")
+        rows[row["key"]] = row
+    return rows
+
+
+def _check_output(name: str, out: dict, axes: Sequence[BiasAxis], n: int, probs: bool) -> None:
+    # plugins are user code: say clearly what they returned wrong
+    for axis in axes:
+        arr = out.get(axis.name) if isinstance(out, dict) else None
+        shape = (n, axis.num_classes) if probs else (n,)
+        if not isinstance(arr, np.ndarray) or arr.shape != shape:
+            got = getattr(arr, "shape", type(arr).__name__)
+            what = "probabilities" if probs else "classify"
+            raise UserError(
+                f"classifier {name}: {what} must give axis {axis.name!r} an array of shape {shape}, got {got}"
+            )
+        if not probs and ((arr < -1) | (arr >= axis.num_classes)).any():
+            raise UserError(
+                f"classifier {name}: class indices for {axis.name!r} must be in [-1, {axis.num_classes})"
+            )
+
+
+def label_images(
+    images: str | Path,
+    classifier: AttributeClassifier,
+    out: str | Path,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Label every image in the shards of ``images`` not yet in ``out``; returns a report."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    axes = classifier.axes
+    done = read_labels(out, axes) if out.is_file() else {}
+    if partial.is_file():
+        done.update(read_labels(partial, axes, partial=True))
+    name = type(classifier).__name__
+    report = {"images": 0, "already_labelled": 0, "labelled": 0, "unknown": {a.name: 0 for a in axes}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    with open(partial, "w", encoding="utf-8") as f:
+        for row in done.values():
+            f.write(json.dumps(row) + "\n")
+        batch: list[tuple[ImageSample, np.ndarray]] = []
+
+        def flush() -> None:
+            stack = np.stack([img for _, img in batch])
+            try:
+                labels, probs = classifier.predict(stack)
+            except (TypeError, ValueError) as err:
+                raise UserError(
+                    f"{batch[0][0].where}: classifier {name} rejected the images ({err})"
+                ) from None
+            _check_output(name, labels, axes, len(batch), probs=False)
+            if probs is not None:
+                _check_output(name, probs, axes, len(batch), probs=True)
+            for i, (s, _) in enumerate(batch):
+                row = {"key": s.key, "prompt_id": s.prompt_id, "shard": Path(s.shard).name, "labels": {}}
+                for axis in axes:
+                    c = int(labels[axis.name][i])
+                    row["labels"][axis.name] = UNKNOWN if c < 0 else axis.class_names[c]
+                    report["unknown"][axis.name] += c < 0
+                if probs is not None:
+                    row["probabilities"] = {
+                        a.name: [round(float(p), 5) for p in probs[a.name][i]] for a in axes
+                    }
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            report["labelled"] += len(batch)
+            batch.clear()
+
+        with tqdm(unit="img", disable=not progress) as bar:
+            for s in iter_image_samples(images):
+                if s.key in seen:
+                    raise UserError(f"{s.where}: key appears in more than one shard")
+                seen.add(s.key)
+                report["images"] += 1
+                if s.key in done:
+                    report["already_labelled"] += 1
+                    continue
+                image = s.image()
+                if batch and image.shape != batch[0][1].shape:
+                    flush()  # one stacked array per batch: flush on a size change
+                batch.append((s, image))
+                if len(batch) >= batch_size:
+                    flush()
+                bar.update(1)
+            if batch:
+                flush()
+    stale = set(done) - seen
+    if stale:  # labels of images no longer in the folder would not match it
+        kept = [row for key, row in read_labels(partial).items() if key not in stale]
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    report["dropped"] = len(stale)
+    os.replace(partial, out)
+    return report
