@@ -44,7 +44,12 @@ class PopAlignModule(L.LightningModule):
         lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
         lora_target_modules: module names that get adapters.
         reference_dtype: dtype of the frozen reference copy in full fine-tuning.
-        gradient_checkpointing: trade compute for memory in the policy UNet.
+        gradient_checkpointing: trade compute for memory in the policy UNet: ``false``, ``true`` (full
+            recomputation) or a selective policy name (``save_matmuls``, ``save_attention``; see
+            :func:`popalign.models.speed.selective_checkpointing`).
+        compile_blocks: ``torch.compile`` the UNets' repeated blocks (regional compilation keeps compile
+            time in minutes); ``null`` = off, else the compile mode (``default``, ``max-autotune-no-cudagraphs``).
+        channels_last: store conv weights channels-last (faster convolutions on recent GPUs).
         prediction_type: ``epsilon`` or ``v_prediction``; default: the scheduler config's.
         ema_decay: keep an exponential moving average of the trainable weights with this decay.
         skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf (costs one host sync per
@@ -62,7 +67,9 @@ class PopAlignModule(L.LightningModule):
         lora_alpha: float | None = None,
         lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
         reference_dtype: str = "bfloat16",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
+        compile_blocks: str | None = None,
+        channels_last: bool = False,
         prediction_type: str | None = None,
         ema_decay: float | None = None,
         skip_nonfinite: bool = True,
@@ -96,10 +103,23 @@ class PopAlignModule(L.LightningModule):
             add_lora(self.policy, lora_rank, lora_alpha, lora_target_modules)
         elif self.objective.needs_reference:
             self.reference = frozen_copy(self.policy, parse_dtype(reference_dtype))
-        if gradient_checkpointing:
-            self.policy.enable_gradient_checkpointing()
+        self._speed_up(gradient_checkpointing, compile_blocks, channels_last)
         self.ema = EMA(self.policy, ema_decay) if ema_decay is not None else None
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+
+    def _speed_up(self, checkpointing: bool | str, compile_mode: str | None, channels_last: bool) -> None:
+        from popalign.models import speed
+
+        if checkpointing is True or checkpointing == "full":
+            self.policy.enable_gradient_checkpointing()
+        elif checkpointing:
+            speed.selective_checkpointing(self.policy, checkpointing)
+        unets = [m for m in (self.policy, self.reference) if m is not None]
+        for unet in unets:
+            if channels_last:
+                speed.to_channels_last(unet)
+            if compile_mode is not None:
+                speed.compile_repeated_blocks(unet, mode=compile_mode)
 
     # ------------------------------------------------------------------ the reference stays frozen
     def train(self, mode: bool = True) -> PopAlignModule:

@@ -186,3 +186,19 @@ def test_ema_tracks_policy(tiny_model, batch_factory, tmp_path):
     assert not torch.equal(avg, start[name]) and not torch.equal(avg, now)
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("checkpointing", [True, "save_matmuls"])
+def test_speed_switches_keep_the_numbers(tiny_model, batch_factory, checkpointing):
+    plain = _module(tiny_model)
+    fast = _module(tiny_model, gradient_checkpointing=checkpointing, channels_last=True)
+    assert fast.policy.is_gradient_checkpointing
+    batch = batch_factory(pairs=2)
+    noise, t = plain.noise_and_timesteps(batch["latents"])
+    a, b = plain.compute_objective(batch, noise, t), fast.compute_objective(batch, noise, t)
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    ga = torch.cat([p.grad.flatten() for p in plain.policy.parameters()])
+    gb = torch.cat([p.grad.flatten() for p in fast.policy.parameters()])
+    assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,125 @@
+"""The step-throughput benchmark runs in-process on the tiny model (benchmarks/step_throughput.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from popalign.errors import UserError
+from popalign.models.loading import load_unet
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("step_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny ops: a second OpenMP thread only adds spin-waiting, badly so on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["--model", tiny_model, "--device", "cpu", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    # a broken configuration is recorded and the run goes on (exit status 1); the module is rebuilt
+    # after it, and b2 after b4+ckpt also checks that checkpointing does not leak into the next row
+    configs = ["b2+original", "b4+ckpt", "b2+ckpt=bogus", "b2"]
+    assert bench.main([*argv, "--configs", *configs]) == 1
+    result = json.loads(out.read_text())
+    rows = {r["spec"]: r for r in result["rows"]}
+    assert list(rows) == configs
+    assert rows.pop("b2+ckpt=bogus")["error"].startswith("ValueError: unknown checkpoint policy 'bogus'")
+    for row in rows.values():
+        assert row["error"] is None
+        assert row["samples_per_s"] > 0 and row["counted_tflop"] > 0 and row["model_tflop"] > 0
+        assert row["mfu"] > 0 and row["vs_original"] > 0
+    assert rows["b2+original"]["original"] is True and rows["b2+original"]["vs_original"] == 1.0
+    # model FLOPs are counted on one pair and scale with the pairs: b4 holds twice b2's
+    assert rows["b4+ckpt"]["model_tflop"] == pytest.approx(2 * rows["b2"]["model_tflop"])
+    # what the step really computes: + the VAE encoder (original), + the rerun forward (checkpointing)
+    assert rows["b2+original"]["counted_tflop"] > rows["b2"]["counted_tflop"] == rows["b2"]["model_tflop"]
+    assert rows["b4+ckpt"]["counted_tflop"] > rows["b4+ckpt"]["model_tflop"]
+    assert result["meta"]["model"] == tiny_model and result["meta"]["precision"] == "32"
+    assert result["meta"]["unet_params"] == sum(p.numel() for p in load_unet(tiny_model).parameters())
+    assert result["meta"]["peak_tflops"] == 989.0 and "--model" in result["meta"]["command"]
+    table = capsys.readouterr().out
+    assert "MFU %" in table and "b2+ckpt=bogus" in table and "error" in table
+
+
+def test_counted_flops_are_linear_in_the_batch(bench, tiny_model):
+    # per-pair counting then scaling is exact: count a 1-pair and a 2-pair step of the same module
+    from popalign.module import PopAlignModule
+
+    module = PopAlignModule(tiny_model)
+    opt = module.configure_optimizers()
+    shapes = bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+    cpu = torch.device("cpu")
+    flops = [bench.count_flops(bench.make_step(module, opt, bench.make_batch(n, shapes, cpu, False), None, "32"))
+             for n in (2, 4)]  # fmt: skip
+    assert flops[0] > 0 and flops[1] == 2 * flops[0]
+
+
+def test_shapes_read_from_the_folder(bench, tiny_model):
+    # conftest's tiny model: 16 px images, VAE downsampling x2 -> 8 x 8 latents, D = 64, Dp = 32
+    assert bench.read_shapes(Path(tiny_model)) == bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+
+
+def test_missing_model_folder_is_a_user_error(bench, tmp_path):
+    with pytest.raises(UserError, match="no unet/config.json"):
+        bench.main(["--model", str(tmp_path), "--device", "cpu"])
+
+
+def test_batch_layout_matches_the_datamodule(bench):
+    shapes = bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+    b = bench.make_batch(4, shapes, torch.device("cpu"), images=True)
+    assert b["latents"].shape == (4, 4, 8, 8) and b["latents"].dtype == torch.float16
+    assert b["prompt_embeds"].shape == (4, 77, 64) and b["pooled_prompt_embeds"].shape == (4, 32)
+    assert b["time_ids"].tolist()[0] == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    assert b["preferred"].tolist() == [True, True, False, False]
+    assert b["group"].tolist() == [0, 1, 0, 1]  # row i pairs with row i + 2
+    assert b["images"].shape == (4, 3, 16, 16) and -1 <= b["images"].min() and b["images"].max() <= 1
+
+
+def test_config_specs(bench):
+    cfg = bench.StepConfig.parse("b8+ckpt=save_attention+compile_all=max-autotune-no-cudagraphs+cl+lora16")
+    assert (cfg.batch, cfg.checkpointing, cfg.compile, cfg.compile_all) == (
+        8, "save_attention", "max-autotune-no-cudagraphs", True)  # fmt: skip
+    assert cfg.channels_last and cfg.lora_rank == 16 and not cfg.original
+    plain = bench.StepConfig.parse("b4+ckpt+compile+original")
+    assert (plain.checkpointing, plain.compile, plain.compile_all, plain.original) == (
+        "full",
+        "default",
+        False,
+        True,
+    )
+    with pytest.raises(UserError, match="unknown token 'fast'"):
+        bench.StepConfig.parse("b4+fast")
+    with pytest.raises(UserError, match="must be even"):
+        bench.StepConfig.parse("b3")
+
+
+def test_sdxl_config_has_sdxl_size(bench):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes only, no memory
+        unet = UNet2DConditionModel(**bench.SDXL_UNET)
+        vae = AutoencoderKL(**bench.SDXL_VAE)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
