@@ -83,7 +83,7 @@ class PopAlignModule(L.LightningModule):
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
 
-        self.policy = load_unet(pretrained_model)
+        self.policy = load_unet(pretrained_model).train()  # from_pretrained returns eval mode
         # recorded in checkpoints so an export onto another base (same architecture) is refused
         self.base_fingerprint = base_fingerprint(self.policy)
         self.noise_scheduler = load_noise_scheduler(pretrained_model)

@@ -1,0 +1,341 @@
+"""``popalign evaluate``: metric arithmetic, stored world images, sampling end to end, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from popalign.cli import main
+from popalign.data.classifiers import AttributeClassifier
+from popalign.evaluation.adherence import Adherence, WorldOccupationAdherence
+from popalign.evaluation.report import mean_ci, summarise
+from popalign.world import AXES_DIR, WorldSpec
+from popalign.world.render import render_batch
+
+WORLD_AXES = [str(AXES_DIR / "shirt.yaml"), str(AXES_DIR / "tone.yaml")]
+
+
+class ParityClassifier(AttributeClassifier):
+    """Test plugin: class = pixel sum mod C, unknown when the sum is a multiple of 5."""
+
+    def classify(self, images):
+        s = images.reshape(len(images), -1).astype(np.int64).sum(1)
+        return {a.name: np.where(s % 5 == 0, -1, s % a.num_classes) for a in self.axes}
+
+
+class BadClassifier(AttributeClassifier):
+    """Test plugin that reports a class the axis does not have."""
+
+    def classify(self, images):
+        return {a.name: np.full(len(images), a.num_classes) for a in self.axes}
+
+
+class DoctorAdherence(Adherence):
+    """Test plugin: 1 for prompts with 'doctor', 0 for other neutral/specific prompts, NaN otherwise."""
+
+    def score(self, images, prompt_rows):
+        return np.array([np.nan if r.kind == "generic" else float("doctor" in r.prompt) for r in prompt_rows])
+
+
+def test_summarise_by_hand():
+    # axes A (2 classes) x B (3 classes): joint class = a * 3 + b, uniform target 1/6
+    kinds = ["neutral"] * 6 + ["specific"] * 4 + ["generic"] * 2
+    groups = np.array([0, 0, 0, 0, 1, 1] + [-1] * 6)
+    labels = np.array(
+        [[0, 0], [0, 0], [1, 2], [0, -1], [1, 1], [1, 1]]  # neutral: joint 0, 0, 5, unknown | 4, 4
+        + [[0, 2], [0, 1], [1, -1], [1, 1]]  # specific predictions
+        + [[0, 0], [-1, 0]]  # generic
+    )
+    requested = np.array([[-1, -1]] * 6 + [[0, 2], [1, -1], [-1, 1], [1, 0]] + [[-1, -1]] * 2)
+    clip = np.array([np.nan] * 10 + [10.0, 20.0])
+    adherence = np.array([1, 0, 1, 1, np.nan, np.nan, 1, 1, 1, 1, np.nan, np.nan], dtype=float)
+    m, per_prompt = summarise(
+        ["a", "b"], [2, 3], [1 / 6] * 6, kinds, groups, labels, requested, adherence, clip
+    )
+    # prompt 0: known joint (0, 0, 5) -> p = (2/3, 0, 0, 0, 0, 1/3):
+    #   d^2 = (2/3 - 1/6)^2 + 4 (1/6)^2 + (1/3 - 1/6)^2 = 1/4 + 4/36 + 1/36 = 14/36 -> d = 0.623610
+    # prompt 1: (4, 4) -> p = e_4: d^2 = (5/6)^2 + 5 (1/6)^2 = 30/36 -> d = 0.912871; mean 0.768240
+    assert m["neutral.discrepancy"] == pytest.approx((math.sqrt(14 / 36) + math.sqrt(30 / 36)) / 2, abs=1e-6)
+    # pooled: counts class 0: 2, class 4: 2, class 5: 1 of 5 -> (0.4, 0, 0, 0, 0.4, 0.2):
+    #   d^2 = 2 (0.4 - 1/6)^2 + 3 (1/6)^2 + (0.2 - 1/6)^2 = 0.193333
+    assert m["neutral.discrepancy_pooled"] == pytest.approx(math.sqrt(0.193333333), abs=1e-6)
+    # axis a: prompt 0 (0,0,1,0) -> (3/4, 1/4): d = sqrt(2/16); prompt 1 (1,1) -> d = sqrt(1/2)
+    # axis b: prompt 0 (0,0,2) -> (2/3, 0, 1/3): d = sqrt(2/9); prompt 1 (1,1) -> d = sqrt(6/9)
+    per_axis = m["neutral.discrepancy_per_axis"]
+    assert per_axis["a"] == pytest.approx((math.sqrt(2 / 16) + math.sqrt(0.5)) / 2, abs=1e-6)
+    assert per_axis["b"] == pytest.approx((math.sqrt(2 / 9) + math.sqrt(6 / 9)) / 2, abs=1e-6)
+    assert m["neutral.unknown_rate"] == pytest.approx(1 / 6)
+    assert m["neutral.num_prompts"] == 2 and m["neutral.num_images"] == 6
+    assert per_prompt[0]["discrepancy"] == pytest.approx(math.sqrt(14 / 36), abs=1e-6)
+    assert per_prompt[0]["unknown"] == 1 and per_prompt[1]["images"] == 2
+    # specific: axis a named in rows 1, 2, 4 -> right, wrong, right = 2/3; axis b named in rows 1, 3, 4 ->
+    # right, unknown (wrong), wrong = 1/3; joint: only row 1 has every named axis right = 1/4
+    assert m["specific.accuracy_per_axis"] == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    assert m["specific.accuracy"] == pytest.approx(1 / 4)
+    assert m["specific.unknown_rate"] == pytest.approx(1 / 4)
+    assert m["generic.unknown_rate"] == pytest.approx(1 / 2)
+    assert m["generic.clip_score"] == pytest.approx(15.0) and m["clip_score"] == pytest.approx(15.0)
+    assert m["adherence.accuracy"] == pytest.approx(7 / 8) and m["adherence.num_images"] == 8
+    for key in ("neutral.discrepancy_ci", "specific.accuracy_ci", "adherence.accuracy_ci"):
+        low, high = m[key]
+        assert 0 <= low <= high <= 1.5
+
+
+def test_mean_ci_contains_mean_and_narrows():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20), rng.random(2000)
+    lo_s, hi_s = mean_ci(small)
+    lo_l, hi_l = mean_ci(large)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < hi_s - lo_s
+    assert all(math.isnan(v) for v in mean_ci(np.array([np.nan])))
+
+
+def test_world_occupation_adherence():
+    spec = WorldSpec()
+    occ = np.array([0, 1, 2, 3])
+    images = render_batch(
+        occ, {"shirt": np.zeros(4, int), "tone": np.zeros(4, int)}, np.random.default_rng(0)
+    )
+    prompts = [
+        {"prompt": f"a photo of a {spec.occupations[0]}"},  # right
+        {"prompt": f"a photo of a red light {spec.occupations[1]}"},  # right
+        {"prompt": f"a photo of a {spec.occupations[0]}"},  # wrong: image shows occupation 2
+        {"prompt": "a photo of a person"},  # names no occupation: not judged
+    ]
+    score = WorldOccupationAdherence(spec).score(images, prompts)
+    assert score[:3].tolist() == [1.0, 1.0, 0.0] and math.isnan(score[3])
+
+
+# ---------------------------------------------------------------- stored world images (no sampling)
+def _world_shards(directory, seed: int = 0):
+    """Two neutral prompts (doctor, chef) and one augmented prompt, 4 world images each."""
+    from popalign.data.images import ImageShardWriter, encode_image
+
+    spec = WorldSpec()
+    rng = np.random.default_rng(seed)
+    # (prompt id, kind, prompt, classes, occupation drawn, shirt classes, tone classes)
+    plan = [
+        ("p0000", "neutral", "a photo of a doctor", {}, 0, [0, 0, 0, 1], [0, 0, 1, 2]),
+        ("p0001", "neutral", "a photo of a chef", {}, 2, [0, 1, 0, 1], [0, 1, 2, 0]),  # occupation wrong
+        ("p0000-a0001", "augmented", "a photo of a red medium doctor", {"shirt": "red", "tone": "medium"}, 0,
+         [0, 0, 1, 0], [1, 1, 1, 0]),
+    ]  # fmt: skip
+    assert spec.occupations[0] == "doctor" and spec.occupations[1] == "chef"
+    with ImageShardWriter(directory) as writer:
+        for pid, kind, prompt, classes, occ, shirt, tone in plan:
+            images = render_batch(np.full(4, occ), {"shirt": np.array(shirt), "tone": np.array(tone)}, rng)
+            samples = []
+            for i, image in enumerate(images):
+                meta = {"prompt_id": pid, "neutral_id": pid[:5], "kind": kind, "prompt": prompt, "classes": classes,
+                        "seed": i, "height": 32, "width": 32}  # fmt: skip
+                samples.append(encode_image(f"{pid}-{i:04d}", image, None, meta))
+            writer.write_prompt(pid, samples)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world_images(tmp_path_factory):
+    return _world_shards(tmp_path_factory.mktemp("world") / "images")
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
+    ref = np.concatenate([render_batch(np.arange(6) % 6, {"shirt": np.arange(6) % 2, "tone": np.arange(6) % 3},
+                                       np.random.default_rng(s)) for s in range(2)])  # fmt: skip
+    np.save(tmp_path / "ref.npy", ref)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
+            "--adherence", "world", "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel",
+            "--bootstrap", "200", "--out", str(out), "--no-progress"]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    # joint shirt x tone (6 classes, target 1/6). doctor: (0,0) (0,0) (0,1) (1,2) -> joint 0, 0, 1, 5
+    #   p = (1/2, 1/4, 0, 0, 0, 1/4): d^2 = (1/3)^2 + (1/12)^2 + 3 (1/6)^2 + (1/12)^2 = 0.2083333
+    # chef: (0,0) (1,1) (0,2) (1,0) -> joint 0, 4, 2, 3: p = (1/4, 0, 1/4, 1/4, 1/4, 0):
+    #   d^2 = 4 (1/12)^2 + 2 (1/6)^2 = 0.0833333
+    assert m["neutral.discrepancy"] == pytest.approx(
+        (math.sqrt(0.2083333) + math.sqrt(0.0833333)) / 2, abs=1e-6
+    )
+    # shirt: doctor (3/4, 1/4) -> sqrt(2)/4; chef (1/2, 1/2) -> 0
+    assert m["neutral.discrepancy_per_axis"]["shirt"] == pytest.approx(math.sqrt(2) / 8, abs=1e-6)
+    assert m["neutral.unknown_rate"] == 0
+    # augmented "red medium doctor": shirt right 3/4, tone right 3/4, both right in images 0 and 1 -> 2/4
+    assert m["specific.accuracy_per_axis"] == pytest.approx({"shirt": 0.75, "tone": 0.75})
+    assert m["specific.accuracy"] == pytest.approx(0.5)
+    # occupation read back: doctor images right (4 + 4), chef images show occupation 2 (4 wrong)
+    assert m["adherence.accuracy"] == pytest.approx(8 / 12)
+    assert 0 <= m["fid"] < 50
+    rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[3]["labels"] == {"shirt": "blue", "tone": "dark"}
+    assert len(list((out / "images").glob("*.png"))) == 12
+
+    # the same images with a label table: the labels decide, the classifier is not run
+    labels = tmp_path / "labels.jsonl"
+    table = [
+        {"key": r["key"], "prompt_id": r["prompt_id"], "labels": {"shirt": "red", "tone": "light"}}
+        for r in rows
+    ]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in table))
+    argv2 = ["evaluate", "--images", str(world_images), "--labels", str(labels), "--axes", *WORLD_AXES,
+             "--bootstrap", "50", "--out", str(tmp_path / "eval2"), "--no-progress"]  # fmt: skip
+    code, err = _run(argv2, capsys)
+    assert code == 0, err
+    m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["metrics"]
+    # every image (red, light) = joint 0: p = e_0, d^2 = (5/6)^2 + 5/36 = 30/36
+    assert m2["neutral.discrepancy"] == pytest.approx(math.sqrt(30 / 36), abs=1e-6)
+
+    # a label table that does not match the images, and one with a class the axis lacks
+    labels.write_text("".join(json.dumps(r) + "\n" for r in table[:-1]))
+    code, err = _run(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
+    assert code == 2 and "no label for image" in err and len(err.strip().splitlines()) == 1, err
+    table[0]["labels"]["shirt"] = "purple"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in table))
+    code, err = _run(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
+    assert code == 2 and "purple" in err
+    assert not (tmp_path / "eval3").exists() and not list(tmp_path.glob(".eval3*"))
+
+
+# ---------------------------------------------------------------- sampling the tiny pipeline
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    from transformers import CLIPConfig, CLIPModel
+
+    from popalign.models.tiny import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)  # fmt: skip
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    (tmp_path / "neutral.txt").write_text("doctor\nnurse\n")
+    (tmp_path / "generic.txt").write_text("a person standing in a park\n")
+    return tmp_path
+
+
+def _sampling_args(model, files, out, images_per_prompt: int = 1):
+    return ["evaluate", "--model", model, "--neutral", str(files / "neutral.txt"), "--specific", "expand",
+            "--generic", str(files / "generic.txt"), "--axes", "gender", "--classifier", "test_evaluate:ParityClassifier",
+            "--images-per-prompt", str(images_per_prompt), "--steps", "2", "--height", "16", "--width", "16", "--batch-size", "8",
+            "--bootstrap", "100", "--out", str(out), "--no-progress"]  # fmt: skip
+
+
+def test_evaluate_tiny_pipeline_with_baseline(tiny_model, tiny_clip, prompt_files, tmp_path, capsys):
+    ref = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "ref.npy", ref)
+    out = tmp_path / "eval"
+    argv = _sampling_args(tiny_model, prompt_files, out) + [
+        "--baseline", tiny_model, "--adherence", "test_evaluate:DoctorAdherence", "--clip-model", tiny_clip,
+        "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel",
+    ]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    result = json.loads((out / "metrics.json").read_text())
+    m = result["metrics"]
+    # 2 neutral prompts, 2 x 2 specific (gender expanded), 1 generic; one image each
+    assert m["neutral.num_images"] == 2 and m["specific.num_images"] == 4 and m["generic.num_images"] == 1
+    assert 0 <= m["neutral.discrepancy"] <= math.sqrt(2) and 0 <= m[
+        "neutral.discrepancy_pooled"
+    ] <= math.sqrt(2)
+    assert set(m["neutral.discrepancy_per_axis"]) == {"gender"}
+    assert 0 <= m["neutral.unknown_rate"] <= 1 and 0 <= m["specific.accuracy"] <= 1
+    # doctor prompts: 1 neutral + 2 specific of 6 judged prompts
+    assert m["adherence.accuracy"] == pytest.approx(3 / 6)
+    assert 0 <= m["clip_score"] <= 100 and 0 <= m["generic.clip_score"] <= 100 and m["fid"] >= 0
+    # the baseline is the same model: same prompts and seeds give the same numbers
+    assert result["baseline"]["neutral.discrepancy"] == pytest.approx(m["neutral.discrepancy"])
+    assert all(v == pytest.approx(0) for v in result["delta"].values())
+    assert result["settings"]["images_per_prompt"] == 1 and result["settings"]["baseline"] == tiny_model
+    report = (out / "report.md").read_text()
+    assert "| metric | model | baseline | delta |" in report and "| neutral.discrepancy |" in report
+    for name in ("neutral_distributions.png", "comparison.png", "samples.png"):
+        assert (out / "plots" / name).stat().st_size > 0
+    assert len((out / "labels.jsonl").read_text().splitlines()) == 7
+    assert len((out / "baseline" / "labels.jsonl").read_text().splitlines()) == 7
+    assert len(list((out / "images").glob("*.png"))) == 7
+
+
+def test_evaluate_model_from_python(tiny_model, prompt_files):
+    from popalign.evaluation import EvalConfig, evaluate_model
+
+    config = EvalConfig(model=tiny_model, neutral=str(prompt_files / "neutral.txt"), axes=["gender"],
+                        classifier="test_evaluate:ParityClassifier", images_per_prompt=2, steps=2, height=16,
+                        width=16, batch_size=4, bootstrap=50, progress=False)  # fmt: skip
+    m = evaluate_model(config)
+    assert m["neutral.num_prompts"] == 2 and "specific.accuracy" not in m and "clip_score" not in m
+    assert m["neutral.discrepancy_ci"][0] <= m["neutral.discrepancy_ci"][1]
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A tiny pipeline of other sizes, and a LoRA trained for it (not for the test base)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from popalign.models.loading import add_lora
+    from popalign.models.tiny import TinySDXLConfig, build_tiny_components, save_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("other")
+    cfg = TinySDXLConfig(image_size=16, text_hidden=16, unet_channels=(16, 32), attention_head_dim=(2, 2))
+    parts = build_tiny_components(cfg)
+    save_tiny_sdxl(root / "model", components=parts)
+    add_lora(parts["unet"], 2)
+    StableDiffusionXLPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=get_peft_model_state_dict(parts["unet"])
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "0.5", "0.6"], "sum to 1"),
+        (["--target", "0.2", "0.3", "0.5"], "2 joint classes"),
+        (["--classifier", "test_evaluate:BadClassifier"], "unknown class label"),
+        (["--neutral", "EMPTY"], "no prompts"),
+        (["--unet", "OTHER/model"], "cross_attention_dim"),
+        (["--lora", "OTHER/lora"], "does not fit"),
+        (["--fid-reference", "BADREF", "--fid-features", "pixel"], "uint8"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_report(
+    extra, message, tiny_model, prompt_files, other_base, tmp_path, capsys
+):
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    np.save(tmp_path / "bad.npy", np.zeros((4, 16, 16, 3), dtype=np.float32))
+    swap = {"EMPTY": str(tmp_path / "empty.txt"), "BADREF": str(tmp_path / "bad.npy")}
+    extra = [swap.get(a, a.replace("OTHER", str(other_base))) for a in extra]
+    out = tmp_path / "eval"
+    args = _sampling_args(tiny_model, prompt_files, out)
+    args = args[:3] + args[5:] if "--neutral" in extra else args  # one --neutral only
+    code, err = _run(args + extra, capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("popalign evaluate: error:"), err
+    assert message in err.strip().splitlines()[-1], err
+    assert not out.exists() and not list(tmp_path.glob(".eval*"))
+
+
+def test_existing_output_needs_overwrite(tiny_model, prompt_files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    code, err = _run(_sampling_args(tiny_model, prompt_files, out), capsys)
+    assert code == 2 and "--overwrite" in err and (out / "old.txt").exists()

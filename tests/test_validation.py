@@ -1,0 +1,109 @@
+"""FairnessValidation: sampling the live policy during a short Trainer.fit and logging discrepancy."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
+from torch.utils.data import DataLoader, Dataset
+
+from popalign.data.classifiers import AttributeClassifier
+from popalign.errors import UserError
+from popalign.evaluation.validation import FairnessValidation
+from popalign.module import PopAlignModule
+from popalign.objectives import PopAlignLoss
+
+PROMPTS = ["a photo of a doctor", "a photo of a nurse"]
+
+
+class MeanClassifier(AttributeClassifier):
+    """Test plugin: class = (mean pixel value) mod C; the grid of a random tiny model is arbitrary."""
+
+    def classify(self, images):
+        m = images.reshape(len(images), -1).mean(1).astype(np.int64)
+        return {a.name: m % a.num_classes for a in self.axes}
+
+
+class _Batches(Dataset):
+    def __init__(self, make):
+        self.make = make
+
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return self.make(pairs=1, seed=i)
+
+
+class _ModeProbe(L.Callback):
+    """Records the policy's train mode at the start of every batch."""
+
+    def __init__(self):
+        self.modes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(pl_module.policy.training)
+
+
+def _callback(**kw):
+    args = dict(prompts=PROMPTS, axes=["gender"], classifier="test_validation:MeanClassifier",
+                images_per_prompt=2, steps=2, height=16, width=16, every_n_steps=2)  # fmt: skip
+    return FairnessValidation(**(args | kw))
+
+
+def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = PopAlignModule(tiny_model, objective=PopAlignLoss(beta=10.0))
+    module.policy.train()  # Lightning keeps each submodule's mode; the callback must too
+    fair, probe = _callback(images_per_prompt=1, guidance_scale=1.0), _ModeProbe()
+    logger = TensorBoardLogger(tmp_path, name="logs")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[fair, probe], log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(_Batches(batch_factory), batch_size=None))
+    # at step 2 (every_n_steps) and at the end (step 3); the policy trains between the two
+    assert fair.last_step == 3 and probe.modes == [True, True, True]
+    value = float(trainer.callback_metrics["val_fair/discrepancy"])
+    assert 0 <= value <= math.sqrt(2)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
+    steps = [e.step for e in events.Scalars("val_fair/discrepancy")]
+    assert steps == [2, 3]
+    for tag in ("val_fair/discrepancy_pooled", "val_fair/discrepancy_gender", "val_fair/unknown_rate"):
+        assert tag in events.Tags()["scalars"]
+    assert {"val_fair/samples", "val_fair/distributions"} <= set(events.Tags()["images"])
+
+
+def test_fixed_seeds_and_restored_mode(tiny_model):
+    module = PopAlignModule(tiny_model, objective=PopAlignLoss(beta=10.0))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, precision_plugin=Precision(), global_step=0)
+    fair = _callback(images_per_prompt=2)
+    fair.setup(trainer, module, "fit")
+    seen = []
+    module.policy.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    module.policy.train()
+    groups, labels, images = fair.sample_and_label(trainer, module)
+    assert seen and not any(seen) and module.policy.training  # sampled in eval mode, train mode restored
+    assert groups == [0, 0, 1, 1] and labels.shape == (4, 1) and images.shape == (4, 16, 16, 3)
+    _, labels2, images2 = fair.sample_and_label(trainer, module)
+    assert np.array_equal(images, images2) and np.array_equal(labels, labels2)
+    # a second rank takes every other prompt
+    _, _, other = fair.sample_and_label(
+        SimpleNamespace(**(vars(trainer) | {"global_rank": 1, "world_size": 2})), module
+    )
+    assert np.array_equal(other, images[2:])
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="every_n_steps"):
+        _callback(every_n_steps=0)
+    with pytest.raises(UserError, match="multiples of 8"):
+        _callback(height=20)
+    with pytest.raises(UserError, match="unknown axis"):
+        _callback(axes=["nonsense"])
