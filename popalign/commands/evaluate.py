@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from popalign.evaluation.evaluate import EvalConfig, evaluate
+    from popalign.evaluation.config import EvalConfig
+    from popalign.evaluation.evaluate import evaluate
 
     fields = {
         k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "no_progress")

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from popalign.evaluation.adherence import Adherence, WorldOccupationAdherence, get_adherence
-from popalign.evaluation.evaluate import EvalConfig, EvalPrompt, evaluate, evaluate_model, split_prompts
+from popalign.evaluation.config import EvalConfig
+from popalign.evaluation.evaluate import evaluate, evaluate_model
+from popalign.evaluation.inputs import EvalPrompt, split_prompts
 
 __all__ = [
     "Adherence",

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from popalign.errors import UserError
-from popalign.evaluation.evaluate import build_classifier, check_labels, joint_axis, split_prompts
+from popalign.evaluation.inputs import build_classifier, check_labels, joint_axis, split_prompts
 
 
 def neutral_texts(prompts: list[str] | str, axes: list[Any]) -> list[str]:

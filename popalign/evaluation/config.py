@@ -1,0 +1,73 @@
+"""The settings of one evaluation (the fields of ``popalign evaluate``'s flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from popalign.errors import UserError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation needs; :func:`evaluate_model` and the CLI take the same fields.
+
+    Prompt sets are files or shipped names (``occupations_eval``, ``specific_eval``, ``generic_eval``);
+    ``specific="expand"`` uses the neutral prompts expanded over the axes (one prompt per joint class).
+    ``images`` evaluates images already written by ``popalign generate`` (their prompt table decides
+    neutral/augmented) instead of sampling; ``labels`` reuses a ``popalign label`` table for them.
+    """
+
+    model: str | None = None
+    unet: str | None = None
+    lora: str | None = None
+    vae: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    neutral: str | None = "occupations_eval"
+    template: str | None = None
+    specific: str | None = None
+    generic: str | None = None
+    axes: list[str] = field(default_factory=lambda: ["gender", "race"])
+    target: list[float] | None = None
+    classifier: str = "clip"
+    classifier_model: str | None = None
+    adherence: str | None = None
+    images_per_prompt: int = 8
+    seed: int = 0
+    steps: int = 30
+    guidance_scale: float = 5.0
+    height: int = 1024
+    width: int = 1024
+    batch_size: int = 4
+    baseline: str | None = None
+    images: str | None = None
+    labels: str | None = None
+    fid_reference: str | None = None
+    fid_features: str = "inception"
+    clip_model: str | None = None
+    bootstrap: int = 1000
+    out: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """``UserError`` for settings no run can use (before anything is loaded)."""
+        if (self.model is None) == (self.images is None):
+            raise UserError(
+                "give exactly one of --model (sample a model) and --images (evaluate stored images)"
+            )
+        for name in ("images_per_prompt", "steps", "height", "width", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.height % 8 or self.width % 8:
+            raise UserError(f"--height and --width must be multiples of 8, got {self.height}x{self.width}")
+        if self.fid_features not in ("inception", "pixel"):
+            raise UserError(f"--fid-features must be inception or pixel, got {self.fid_features!r}")
+        if self.images and (self.baseline or self.unet or self.lora):
+            raise UserError("--baseline, --unet and --lora need a --model to sample; not with --images")
+        if self.labels and not self.images:
+            raise UserError("--labels labels stored --images; it needs --images")
+        if self.unet and self.lora:
+            raise UserError("give --unet (a full aligned UNet) or --lora (adapters), not both")
