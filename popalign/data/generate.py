@@ -210,37 +210,50 @@ def record_settings(out: Path, settings: GenerateSettings) -> None:
 
 
 class PromptSampler:
-    """Samples every image of one prompt row in batches and hands the samples to a writer."""
+    """Samples every image of a list of prompt rows and hands each finished prompt to a writer.
+
+    Batches run *across* prompts (``batch_size`` images per pipeline call, whatever the prompt), so
+    prompts with few images per prompt still fill the batch; a prompt is written as soon as its last
+    image is sampled, so shards keep holding whole prompts.
+    """
 
     def __init__(self, pipe: Any, settings: GenerateSettings, writer: ImageShardWriter, batch_size: int = 4):
         self.pipe, self.settings, self.writer = pipe, settings, writer
         self.batch_size = max(1, batch_size)
 
-    def __call__(self, row: PromptRow, progress: Any = None) -> int:
+    def _meta(self, row: PromptRow, index: int, seed: int) -> dict:
         s = self.settings
-        seeds = [image_seed(s.seed, row.prompt_id, i) for i in range(s.images_per_prompt)]
-        samples = []
-        for start in range(0, len(seeds), self.batch_size):
-            chunk = seeds[start : start + self.batch_size]
+        return {
+            **{
+                k: getattr(row, k)
+                for k in ("prompt_id", "neutral_id", "kind", "prompt", "neutral", "classes")
+            },
+            "index": index,
+            "seed": seed,
+            **{k: getattr(s, k) for k in ("guidance_scale", "steps", "height", "width", "model")},
+        }
+
+    def __call__(self, rows: Sequence[PromptRow], progress: Any = None) -> int:
+        s = self.settings
+        jobs = [
+            (row, i, image_seed(s.seed, row.prompt_id, i)) for row in rows for i in range(s.images_per_prompt)
+        ]
+        pending: list[dict] = []
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start : start + self.batch_size]
             images, latents = sample(
-                self.pipe, [row.prompt] * len(chunk), chunk, s.steps, s.guidance_scale, s.height, s.width
-            )
-            for j, (image, latent, seed) in enumerate(zip(images, latents, chunk)):
-                meta = {
-                    **{
-                        k: getattr(row, k)
-                        for k in ("prompt_id", "neutral_id", "kind", "prompt", "neutral", "classes")
-                    },
-                    "index": start + j,
-                    "seed": seed,
-                    **{k: getattr(s, k) for k in ("guidance_scale", "steps", "height", "width", "model")},
-                }
-                key = f"{row.prompt_id}-{start + j:04d}"
-                samples.append(encode_image(key, image, latent, meta, s.image_format))
+                self.pipe, [row.prompt for row, _, _ in chunk], [seed for _, _, seed in chunk],
+                s.steps, s.guidance_scale, s.height, s.width,
+            )  # fmt: skip
+            for (row, i, seed), image, latent in zip(chunk, images, latents):
+                key = f"{row.prompt_id}-{i:04d}"
+                pending.append(encode_image(key, image, latent, self._meta(row, i, seed), s.image_format))
+                if i == s.images_per_prompt - 1:  # the prompt's last image: write it whole
+                    self.writer.write_prompt(row.prompt_id, pending)
+                    pending = []
             if progress is not None:
                 progress.update(len(chunk))
-        self.writer.write_prompt(row.prompt_id, samples)
-        return len(samples)
+        return len(jobs)
 
 
 # ---------------------------------------------------------------- the run
@@ -306,8 +319,7 @@ def generate(
             ImageShardWriter(out, 0, shard_size) as writer,
             tqdm(total=total, unit="img", disable=not progress) as bar,
         ):
-            sampler = PromptSampler(pipe, settings, writer, batch_size)
-            report["images"] = sum(sampler(row, bar) for row in todo)
+            report["images"] = PromptSampler(pipe, settings, writer, batch_size)(todo, bar)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
 
@@ -336,7 +348,7 @@ def _predict(
             return batch  # prompt rows are text: nothing to move
 
         def predict_step(self, batch: list, batch_idx: int) -> int:
-            n = sum(self.sampler(row, self.bar) for row in batch)
+            n = self.sampler(batch, self.bar)
             self.images += n
             return n
 
@@ -345,7 +357,9 @@ def _predict(
             self.bar.close()
 
     module = Generation()
-    loader = torch.utils.data.DataLoader(list(rows), batch_size=1, collate_fn=list)
+    # enough prompts per predict step to fill a sampling batch
+    per_step = max(1, batch_size // settings.images_per_prompt)
+    loader = torch.utils.data.DataLoader(list(rows), batch_size=per_step, collate_fn=list)
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

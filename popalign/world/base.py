@@ -1,0 +1,424 @@
+"""The synthetic world's deliberately biased base model: a tiny SDXL pipeline trained on world images.
+
+:func:`build_base_model` trains every trainable part of a tiny ``StableDiffusionXLPipeline`` (built
+by :mod:`popalign.models.tiny`) on a biased dataset of the world (:func:`sample_dataset`): neutral
+prompts mostly show each axis's majority class, augmented prompts always show the named classes.
+
+1. an ``AutoencoderKL`` (32x32 RGB -> latents 4x8x8) with reconstruction + small KL loss; its
+   ``scaling_factor`` is set to ``1 / std`` of the latents, so scaled latents have unit variance;
+2. the two CLIP text encoders stay random and frozen (distinct words still embed apart); the prompt
+   embeddings come from the pipeline's own ``encode_prompt``, once per distinct prompt;
+3. a ``UNet2DConditionModel`` (``text_time``) with the epsilon objective
+   ``E ||eps - eps_theta(sqrt(ab_t) z + sqrt(1 - ab_t) eps, t, c)||^2`` on the scaled latents, the
+   condition replaced by zeros with probability ``cond_dropout`` -- the embedding the pipeline uses
+   for the empty negative prompt (``force_zeros_for_empty_prompt``), so classifier-free guidance works.
+
+The folder is a plain diffusers pipeline plus ``popalign_base.json`` (cache key, settings, recommended
+sampling settings, timings). :func:`evaluate_base` samples it with the stock pipeline and measures
+bias, faithfulness and unknowns with the exact world classifier. See ``docs/world_base.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from popalign.errors import UserError
+from popalign.world import WorldAxis, WorldSpec
+from popalign.world.render import sample_dataset
+
+CODE_VERSION = "world-base-1"  # bump when training changes so cached models rebuild
+META_FILE = "popalign_base.json"
+
+
+@dataclass
+class BaseTrainConfig:
+    """Sizes, steps and sampling settings of the base model (all of it enters the cache key)."""
+
+    n_per_prompt: int = 48  # training images per prompt (7 prompts per occupation)
+    text_hidden: int = 64  # 32 loses prompt detail: augmented prompts then fail up to ~15%
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    attention_head_dim: tuple[int, ...] = (2, 4, 4)
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # three blocks: downsampling x4
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4
+    unet_steps: int = 1000
+    unet_batch: int = 64
+    unet_lr: float = 2e-3
+    warmup_steps: int = 50
+    cond_dropout: float = 0.1
+    num_inference_steps: int = 20  # recommended sampling settings, recorded in popalign_base.json
+    guidance_scale: float = 1.5  # CFG amplifies the majority class; of 1.5-5, closest to the training bias
+    seed: int = 0
+
+
+def world_fingerprint(spec: WorldSpec) -> str:
+    """sha256 of a fixed small sample of the world (pixels and captions): changes with the renderer."""
+    images, prompts, _, _ = sample_dataset(spec, 1, np.random.default_rng(0))
+    return hashlib.sha256(images.tobytes() + "\n".join(prompts).encode()).hexdigest()
+
+
+def cache_key(spec: WorldSpec, config: BaseTrainConfig) -> str:
+    """sha256 of the world spec and its :func:`world_fingerprint`, the training config (seed included)
+    and :data:`CODE_VERSION`."""
+    blob = json.dumps(
+        {
+            "spec": dataclasses.asdict(spec),
+            "world": world_fingerprint(spec),
+            "config": dataclasses.asdict(config),
+            "code": CODE_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The ``popalign_base.json`` of a base-model folder, or ``None`` when there is none."""
+    meta = Path(path) / META_FILE
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{meta}: unreadable base-model metadata ({err})") from err
+
+
+def spec_from_dict(data: dict) -> WorldSpec:
+    """Rebuild a :class:`WorldSpec` from its ``dataclasses.asdict`` form (as stored in the metadata)."""
+    axes = tuple(WorldAxis(a["name"], tuple(a["classes"]), tuple(a["phrases"])) for a in data["axes"])
+    return WorldSpec(
+        occupations=tuple(data["occupations"]),
+        axes=axes,
+        image_size=data["image_size"],
+        neutral_probs={k: tuple(v) for k, v in data["neutral_probs"].items()},
+        occupation_probs={
+            o: {k: tuple(v) for k, v in p.items()} for o, p in data["occupation_probs"].items()
+        },
+    )
+
+
+def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    # uint8 [N,S,S,3] -> float [N,3,S,S] in [-1, 1], the VAE's input range
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # linear warm-up, then cosine decay to zero
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseTrainConfig, gen: torch.Generator, progress: bool) -> float:
+    """Fit the VAE to ``images`` ([N,3,S,S] in [-1,1]); returns the last loss.
+
+    ``loss = ||x - D(z)||^2 / numel + kl_weight * KL(q(z|x) || N(0, I)) / latent numel``, ``z ~ q(z|x)``.
+    """
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = _schedule(opt, cfg.warmup_steps, cfg.vae_steps)
+    loss = torch.zeros(())
+    for _ in tqdm(range(cfg.vae_steps), desc="base: vae", disable=not progress):
+        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(x)).sample
+        loss = F.mse_loss(recon, x) + cfg.kl_weight * post.kl().mean() / post.mean[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval().requires_grad_(False)
+    return loss.item()
+
+
+def train_unet(
+    unet,
+    data: dict[str, torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    cfg: BaseTrainConfig,
+    gen: torch.Generator,
+    progress: bool,
+) -> float:
+    """Epsilon-objective training with condition dropout to zeros. Returns the mean loss of the last 10%.
+
+    ``data``: ``latents`` [N,4,h,w] (scaled), ``prompt`` [N] (index into the embedding tables),
+    ``embeds`` [P,77,D], ``pooled`` [P,Dp], ``time_ids`` [6].
+    """
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    sched = _schedule(opt, cfg.warmup_steps, cfg.unet_steps)
+    dev = data["latents"].device
+    ab = alphas_cumprod.to(dev)
+    losses = []
+    for _ in tqdm(range(cfg.unet_steps), desc="base: unet", disable=not progress):
+        idx = torch.randint(len(data["latents"]), (cfg.unet_batch,), generator=gen).to(dev)
+        z0, p = data["latents"][idx], data["prompt"][idx]
+        t = torch.randint(len(ab), (cfg.unet_batch,), generator=gen).to(dev)
+        eps = torch.randn(z0.shape, generator=gen).to(dev)
+        a = ab[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        keep = (torch.rand(cfg.unet_batch, generator=gen) >= cfg.cond_dropout).float().to(dev)
+        cond = {
+            "text_embeds": data["pooled"][p] * keep[:, None],
+            "time_ids": data["time_ids"].expand(len(t), 6),
+        }
+        pred = unet(
+            zt, t, encoder_hidden_states=data["embeds"][p] * keep[:, None, None], added_cond_kwargs=cond
+        )
+        loss = F.mse_loss(pred.sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    unet.eval().requires_grad_(False)
+    return torch.stack(losses[-max(1, len(losses) // 10) :]).mean().item()
+
+
+def _recon_accuracy(vae, spec: WorldSpec, seed: int, device: torch.device) -> float:
+    """Fraction of held-out world images whose VAE reconstruction keeps every attribute readable and right."""
+    from popalign.world.classify import WorldClassifier
+
+    images, _, attrs, occ = sample_dataset(spec, 4, np.random.default_rng(seed), biased=False)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(_pixels(images, device)).latent_dist.mean).sample
+    out = recon.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    clf = WorldClassifier(spec)
+    ok = clf.occupation(out) == occ
+    for name, got in clf.classify(out).items():
+        ok &= got == attrs[name]
+    return float(ok.mean())
+
+
+def _train(spec: WorldSpec, cfg: BaseTrainConfig, device: torch.device, progress: bool) -> tuple[dict, dict]:
+    """Build and train the components; returns them and a summary for the metadata."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from popalign.models.tiny import TinySDXLConfig, build_tiny_components
+
+    tiny = TinySDXLConfig(
+        image_size=spec.image_size,
+        text_hidden=cfg.text_hidden,
+        text_layers=cfg.text_layers,
+        projection_dim=cfg.text_hidden,
+        unet_channels=tuple(cfg.unet_channels),
+        attention_head_dim=tuple(cfg.attention_head_dim),
+        vae_channels=tuple(cfg.vae_channels),
+        vocab_words=spec.vocabulary(),
+        seed=cfg.seed,
+    )
+    parts = build_tiny_components(tiny)
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    images, prompts, _, _ = sample_dataset(spec, cfg.n_per_prompt, np.random.default_rng(cfg.seed))
+    pixels = _pixels(images, device)
+    timings["data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    vae = parts["vae"]
+    vae_loss = train_vae(vae, pixels, cfg, gen, progress)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(x).latent_dist.mean for x in pixels.split(512)])
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    recon_acc = _recon_accuracy(vae, spec, cfg.seed + 1, device)
+    timings["vae_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for name in ("text_encoder", "text_encoder_2"):
+        parts[name].eval().requires_grad_(False)
+    pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    unique = sorted(set(prompts))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(unique, device=device, do_classifier_free_guidance=False)
+    s = spec.image_size
+    data = {
+        "latents": latents * scale,
+        "prompt": torch.tensor([unique.index(p) for p in prompts], device=device),
+        "embeds": embeds,
+        "pooled": pooled,
+        "time_ids": torch.tensor([s, s, 0, 0, s, s], dtype=torch.float32, device=device),  # SDXL micro-cond.
+    }
+    unet_loss = train_unet(parts["unet"], data, parts["scheduler"].alphas_cumprod, cfg, gen, progress)
+    timings["unet_s"] = time.perf_counter() - t0
+    summary = {
+        "vae_scaling_factor": scale,
+        "vae_final_loss": vae_loss,
+        "vae_recon_accuracy": recon_acc,
+        "unet_final_loss": unet_loss,
+        "parameters": {
+            k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "text_encoder")
+        },
+        "train_images": len(prompts),
+        "timings": timings,
+    }
+    return {k: (v.to("cpu") if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}, summary
+
+
+def build_base_model(
+    out_dir: str | Path,
+    spec: WorldSpec | None = None,
+    config: BaseTrainConfig | None = None,
+    force: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Train and save the biased base model at ``out_dir``, or return at once when it is cached.
+
+    The folder is reused when its ``popalign_base.json`` holds the same :func:`cache_key`; otherwise
+    (or with ``force``) the model is rebuilt in a temporary folder beside ``out_dir`` and renamed into
+    place only when complete. A non-empty folder that is not a base model is never overwritten.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    spec, cfg, out = spec or WorldSpec(), config or BaseTrainConfig(), Path(out_dir)
+    key = cache_key(spec, cfg)
+    meta = read_meta(out) if out.is_dir() else None
+    if meta is not None and meta.get("key") == key and not force and (out / "model_index.json").is_file():
+        return out
+    if out.exists() and (not out.is_dir() or (meta is None and any(out.iterdir()))):
+        raise UserError(f"{out}: exists and is not a popalign base model; choose another output folder")
+
+    t0 = time.perf_counter()
+    parts, summary = _train(spec, cfg, torch.device(device), progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True).save_pretrained(tmp)
+        summary["timings"]["total_s"] = time.perf_counter() - t0
+        sampling = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}
+        meta = {
+            "key": key,
+            "code_version": CODE_VERSION,
+            "spec": dataclasses.asdict(spec),
+            "config": dataclasses.asdict(cfg),
+            "sampling": {**sampling, "height": spec.image_size, "width": spec.image_size},
+            **summary,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():  # move the old one aside first: the rename below must find no folder
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def joint_discrepancy(a: np.ndarray, b: np.ndarray, ka: int, kb: int) -> float:
+    """``||p - u||_2``: the joint class distribution ``p`` of two axes (images with a label -1 on either
+    axis left out) against the uniform ``u = 1 / (ka * kb)``; NaN when no image has both labels."""
+    ok = (a >= 0) & (b >= 0)
+    if not ok.any():
+        return float("nan")
+    p = np.bincount(a[ok] * kb + b[ok], minlength=ka * kb) / ok.sum()
+    return float(np.linalg.norm(p - 1.0 / (ka * kb)))
+
+
+def evaluate_base(
+    path: str | Path,
+    n_per_prompt: int = 32,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Sample every world prompt ``n_per_prompt`` times with the stock pipeline and score it.
+
+    Settings default to the recommended ones in ``popalign_base.json``. Returns (rates in [0, 1]):
+
+    * ``neutral_majority`` / ``train_majority``: axis -> frequency of the training-majority class in
+      neutral-prompt samples (known labels) / in the training data's bias, mean over occupations;
+    * ``neutral_discrepancy`` / ``train_discrepancy``: mean over occupations of
+      :func:`joint_discrepancy` of the neutral prompt's samples / of the training bias;
+    * ``augmented_accuracy``: augmented samples showing every named class (jointly), and per axis
+      in ``augmented_axis_accuracy``; ``occupation_accuracy``: all samples, the prompt's occupation;
+    * ``unknown_rate``: samples with any attribute or the occupation unreadable (-1).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from popalign.world.classify import WorldClassifier
+
+    meta = read_meta(path)
+    if meta is None:
+        raise UserError(f"{path}: no {META_FILE}; build the base model with `popalign world --out DIR`")
+    spec = spec_from_dict(meta["spec"])
+    steps = num_inference_steps or meta["sampling"]["num_inference_steps"]
+    scale = meta["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale
+    t0 = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    n_occ, names = len(spec.occupations), spec.axis_names
+    combos = list(itertools.product(*(range(len(ax.classes)) for ax in spec.axes)))
+    jobs = [(o, None) for o in range(n_occ)] + [(o, c) for o in range(n_occ) for c in combos]
+    prompts = [spec.neutral_prompt(o) if c is None else spec.augmented_prompt(o, c) for o, c in jobs]
+    flat = [p for p in prompts for _ in range(n_per_prompt)]
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(0, len(flat), batch_size):
+        out = pipe(flat[i : i + batch_size], height=spec.image_size, width=spec.image_size, output_type="np",
+                   num_inference_steps=steps, guidance_scale=scale, generator=gen).images  # fmt: skip
+        images.append(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))
+    clf = WorldClassifier(spec)
+    images = np.concatenate(images)
+    shape = (len(jobs), n_per_prompt)
+    labels = {n: v.reshape(shape) for n, v in clf.classify(images).items()}
+    got_occ = clf.occupation(images).reshape(shape)
+
+    # neutral prompts: rows 0..n_occ-1; augmented: the rest, in `combos` order per occupation
+    probs = {n: [spec.class_probs(o, n) for o in range(n_occ)] for n in names}
+    majority, train_majority = {}, {}
+    for n in names:
+        top = np.array([p.argmax() for p in probs[n]])[:, None]
+        neutral = labels[n][:n_occ]
+        majority[n] = float(((neutral == top) & (neutral >= 0)).sum() / max(1, (neutral >= 0).sum()))
+        train_majority[n] = float(np.mean([p.max() for p in probs[n]]))
+    ka, kb = (len(ax.classes) for ax in spec.axes)
+    a, b = (labels[n] for n in names)
+    train_joint = [np.outer(probs[names[0]][o], probs[names[1]][o]).ravel() for o in range(n_occ)]
+    hits = {
+        n: labels[n][n_occ:] == np.array([c[k] for _, c in jobs[n_occ:]])[:, None]
+        for k, n in enumerate(names)
+    }
+    return {
+        "neutral_majority": majority,
+        "train_majority": train_majority,
+        "neutral_discrepancy": float(np.mean([joint_discrepancy(a[o], b[o], ka, kb) for o in range(n_occ)])),
+        "train_discrepancy": float(np.mean([np.linalg.norm(p - 1.0 / (ka * kb)) for p in train_joint])),
+        "augmented_accuracy": float(np.logical_and(*hits.values()).mean()),
+        "augmented_axis_accuracy": {n: float(h.mean()) for n, h in hits.items()},
+        "occupation_accuracy": float((got_occ == np.array([o for o, _ in jobs])[:, None]).mean()),
+        "unknown_rate": float(((a < 0) | (b < 0) | (got_occ < 0)).mean()),
+        "guidance_scale": scale,
+        "num_inference_steps": steps,
+        "n_images": len(flat),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,219 @@
+"""The synthetic world's biased base model: build, cache, load as SDXL, evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from popalign.cli import main as cli_main
+from popalign.errors import UserError
+from popalign.world import WorldSpec
+from popalign.world import base as wb
+
+# A reduced build: tiny sizes, two optimiser steps per part (seconds on a CPU).
+TINY = wb.BaseTrainConfig(
+    n_per_prompt=2,
+    text_hidden=16,
+    text_layers=1,
+    unet_channels=(16, 32),
+    attention_head_dim=(2, 4),
+    vae_channels=(8, 8, 8),
+    vae_steps=2,
+    vae_batch=4,
+    unet_steps=2,
+    unet_batch=4,
+    warmup_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return wb.build_base_model(tmp_path_factory.mktemp("base") / "model", config=TINY, progress=False)
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """Counts calls of the training stage (still running it)."""
+    calls = []
+    real = wb._train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wb, "_train", counted)
+    return calls
+
+
+def test_loads_as_sdxl_pipeline(tiny_base):
+    from diffusers import StableDiffusionXLPipeline
+
+    meta = json.loads((tiny_base / wb.META_FILE).read_text())
+    assert meta["key"] == wb.cache_key(WorldSpec(), TINY)
+    assert meta["sampling"] == {"num_inference_steps": 20, "guidance_scale": 1.5, "height": 32, "width": 32}
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_base))
+    assert pipe.vae.config.scaling_factor == pytest.approx(meta["vae_scaling_factor"])
+    assert pipe.vae_scale_factor == 4  # three VAE blocks: 32 px -> 8x8 latents
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    # every word of the world's prompts is in the tokenizer's vocabulary
+    unk = pipe.tokenizer.unk_token_id
+    ids = pipe.tokenizer(WorldSpec().augmented_prompt("firefighter", ("blue", "dark"))).input_ids
+    assert unk not in ids
+    out = pipe(
+        ["a photo of a doctor"],
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_frozen_text_encoders_are_the_initial_ones(tiny_base):
+    # the text encoders are not trained: the saved weights equal a fresh build with the same seed
+    from transformers import CLIPTextModel
+
+    from popalign.models.tiny import TinySDXLConfig, build_tiny_components
+
+    fresh = build_tiny_components(
+        TinySDXLConfig(text_hidden=16, text_layers=1, projection_dim=16, vocab_words=WorldSpec().vocabulary())
+    )["text_encoder"]
+    saved = CLIPTextModel.from_pretrained(str(tiny_base / "text_encoder"))
+    for (name, p), q in zip(fresh.named_parameters(), saved.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_cache_hit_returns_without_training(tiny_base, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in tiny_base.rglob("*") if p.is_file()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached base model was retrained")
+
+    monkeypatch.setattr(wb, "_train", no_training)
+    assert wb.build_base_model(tiny_base, config=TINY) == tiny_base
+    assert {p: p.stat().st_mtime_ns for p in tiny_base.rglob("*") if p.is_file()} == before
+
+
+def test_force_and_new_config_rebuild(tiny_base, tmp_path, count_training):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_base, out)
+    wb.build_base_model(out, config=TINY, progress=False)
+    assert count_training == []  # same key: cached
+    wb.build_base_model(out, config=TINY, force=True, progress=False)
+    assert count_training == [1]
+    other = dataclasses.replace(TINY, seed=1)
+    wb.build_base_model(out, config=other, progress=False)
+    assert count_training == [1, 1]
+    assert wb.read_meta(out)["key"] == wb.cache_key(WorldSpec(), other)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
+
+
+def test_cache_key_covers_spec_config_and_code(monkeypatch):
+    spec = WorldSpec()
+    key = wb.cache_key(spec, TINY)
+    assert key == wb.cache_key(WorldSpec(), dataclasses.replace(TINY))  # deterministic
+    assert key != wb.cache_key(spec, dataclasses.replace(TINY, seed=1))
+    assert key != wb.cache_key(spec, dataclasses.replace(TINY, unet_steps=3))
+    biased_less = WorldSpec(neutral_probs={"shirt": (0.6, 0.4), "tone": (0.8, 0.1, 0.1)})
+    assert key != wb.cache_key(biased_less, TINY)
+    monkeypatch.setattr(wb, "CODE_VERSION", "another")
+    assert key != wb.cache_key(spec, TINY)
+
+
+def test_cache_key_follows_the_renderer(monkeypatch):
+    from popalign.world import render
+
+    key = wb.cache_key(WorldSpec(), TINY)
+    monkeypatch.setattr(render, "SHIRTS", render.SHIRTS + 1.0)  # a renderer change the spec cannot see
+    assert wb.cache_key(WorldSpec(), TINY) != key
+
+
+def test_failed_rebuild_keeps_the_old_model(tiny_base, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_base, out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(wb, "_train", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        wb.build_base_model(out, config=TINY, force=True)
+    assert wb.read_meta(out)["key"] == wb.cache_key(WorldSpec(), TINY)
+    assert (out / "unet").is_dir() and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a popalign base model"):
+        wb.build_base_model(tmp_path, config=TINY)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_spec_round_trips_through_metadata():
+    spec = WorldSpec(occupation_probs={"chef": {"shirt": (0.3, 0.7)}})
+    assert wb.spec_from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
+
+
+def test_joint_discrepancy_arithmetic():
+    # labels (a, b): (0,0) x3, (1,0) x1, and one unknown that is left out
+    # p = [3/4, 0, 0, 1/4, 0, 0] over the 2x3 cells, u = 1/6:
+    # ||p - u||^2 = (3/4 - 1/6)^2 + (1/4 - 1/6)^2 + 4 (1/6)^2 = 49/144 + 1/144 + 16/144 = 66/144
+    a = np.array([0, 0, 0, 1, -1])
+    b = np.array([0, 0, 0, 0, 2])
+    assert wb.joint_discrepancy(a, b, 2, 3) == pytest.approx(np.sqrt(66 / 144))
+    assert wb.joint_discrepancy(np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 2, 2]), 2, 3) == 0.0
+    assert np.isnan(wb.joint_discrepancy(np.array([-1]), np.array([0]), 2, 3))
+
+
+def test_evaluate_base_reports_every_goal(tiny_base):
+    r = wb.evaluate_base(tiny_base, n_per_prompt=1, num_inference_steps=2)
+    assert r["n_images"] == 6 * 7  # 6 occupations x (1 neutral + 6 augmented prompts)
+    assert r["guidance_scale"] == 1.5 and r["num_inference_steps"] == 2
+    assert r["train_majority"] == pytest.approx({"shirt": 0.85, "tone": 0.8})
+    # joint training bias: outer([.85,.15],[.8,.1,.1]) = [.68,.085,.085,.12,.015,.015] against 1/6:
+    # squares .26351 + 2 x .00667 + .00218 + 2 x .02300 = .32503 -> sqrt = 0.5701
+    assert r["train_discrepancy"] == pytest.approx(0.5701, abs=1e-4)
+    for k in ("augmented_accuracy", "occupation_accuracy", "unknown_rate"):
+        assert 0.0 <= r[k] <= 1.0
+    assert set(r["augmented_axis_accuracy"]) == {"shirt", "tone"}
+
+
+def test_evaluate_needs_a_base_folder(tmp_path):
+    with pytest.raises(UserError, match="popalign_base.json"):
+        wb.evaluate_base(tmp_path)
+
+
+def test_cli_world_command(tiny_base, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_build(out, config, force, device, progress):
+        seen.update(out=out, seed=config.seed, force=force, device=str(device))
+        return tiny_base
+
+    monkeypatch.setattr(wb, "build_base_model", fake_build)
+    assert cli_main(["world", "--out", str(tmp_path / "m"), "--force", "--seed", "3", "--quiet"]) == 0
+    assert seen == {"out": tmp_path / "m", "seed": 3, "force": True, "device": "cpu"}
+    assert str(tiny_base) in capsys.readouterr().out
+    assert cli_main(["world", "--out", str(tmp_path / "m"), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_base_is_biased_and_faithful(tmp_path):
+    """The full default build (minutes): neutral prompts biased, augmented prompts obeyed."""
+    path = wb.build_base_model(tmp_path / "base", progress=False)
+    r = wb.evaluate_base(path, n_per_prompt=32, seed=1)
+    print(json.dumps(r, indent=2))
+    assert r["neutral_discrepancy"] >= 0.3
+    assert r["augmented_accuracy"] >= 0.9
+    assert r["occupation_accuracy"] >= 0.9
+    assert r["unknown_rate"] <= 0.05
+    for axis, train in r["train_majority"].items():  # the bias is kept, roughly at its strength
+        assert abs(r["neutral_majority"][axis] - train) <= 0.15, axis
