@@ -8,12 +8,17 @@ Configs are parsed in omegaconf mode, so values may interpolate (``${data.init_a
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
 from popalign.data.datamodule import PopulationDataModule
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
+
+# the frozen reference is in eval mode on purpose; shards have a length only to size epochs
+warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
 
 
 class PopAlignCLI(LightningCLI):

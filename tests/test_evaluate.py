@@ -339,3 +339,14 @@ def test_existing_output_needs_overwrite(tiny_model, prompt_files, tmp_path, cap
     (out / "old.txt").write_text("x")
     code, err = _run(_sampling_args(tiny_model, prompt_files, out), capsys)
     assert code == 2 and "--overwrite" in err and (out / "old.txt").exists()
+
+
+def test_specific_prompts_can_take_fewer_images():
+    from popalign.errors import UserError
+    from popalign.evaluation.config import EvalConfig
+
+    c = EvalConfig(model="m", images_per_prompt=100, specific_images_per_prompt=8)
+    assert (c.images_for("neutral"), c.images_for("specific"), c.images_for("generic")) == (100, 8, 100)
+    assert EvalConfig(model="m", images_per_prompt=5).images_for("specific") == 5
+    with pytest.raises(UserError, match="specific_images_per_prompt"):
+        EvalConfig(model="m", specific_images_per_prompt=0).check()

@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--images-per-prompt", type=int, default=8)
+    sampling.add_argument(
+        "--specific-images-per-prompt", type=int, default=None,
+        help="images per identity-specific prompt (default: --images-per-prompt)",
+    )  # fmt: skip
     sampling.add_argument("--seed", type=int, default=0, help="per-image seeds derive from it as in generate")
     sampling.add_argument("--steps", type=int, default=30)
     sampling.add_argument("--guidance-scale", type=float, default=5.0)

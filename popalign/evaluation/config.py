@@ -35,6 +35,13 @@ class EvalConfig:
     classifier_model: str | None = None
     adherence: str | None = None
     images_per_prompt: int = 8
+    specific_images_per_prompt: int | None = None  # None: images_per_prompt
+
+    def images_for(self, kind: str) -> int:
+        """Images sampled per prompt of this kind (specific prompts name their classes: fewer suffice)."""
+        if kind == "specific" and self.specific_images_per_prompt is not None:
+            return self.specific_images_per_prompt
+        return self.images_per_prompt
     seed: int = 0
     steps: int = 30
     guidance_scale: float = 5.0
@@ -58,6 +65,8 @@ class EvalConfig:
             raise UserError(
                 "give exactly one of --model (sample a model) and --images (evaluate stored images)"
             )
+        if self.specific_images_per_prompt is not None and self.specific_images_per_prompt < 1:
+            raise UserError(f"specific_images_per_prompt must be >= 1, got {self.specific_images_per_prompt}")
         for name in ("images_per_prompt", "steps", "height", "width", "batch_size", "bootstrap"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

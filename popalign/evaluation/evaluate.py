@@ -219,7 +219,7 @@ class Evaluator:
         import torch
 
         pipe = load_model(self.config, model, unet, lora)
-        total = len(self.prompts) * self.config.images_per_prompt
+        total = sum(self.config.images_for(p.kind) for p in self.prompts)
         try:
             return self._collect(
                 sampled_batches(pipe, split_prompts(self.prompts), self.config), image_dir, total

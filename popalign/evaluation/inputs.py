@@ -145,10 +145,10 @@ class Batch:
 
 
 def sampled_batches(pipe: Any, prompts: Sequence[EvalPrompt], config: EvalConfig) -> Iterator[Batch]:
-    """Sample ``images_per_prompt`` images of every prompt with ``generate``'s per-image seeds."""
+    """Sample ``config.images_for(kind)`` images of every prompt with ``generate``'s per-image seeds."""
     from popalign.data.generate import image_seed, sample
 
-    jobs = [(p, i) for p in prompts for i in range(config.images_per_prompt)]
+    jobs = [(p, i) for p in prompts for i in range(config.images_for(p.kind))]
     for start in range(0, len(jobs), config.batch_size):
         chunk = jobs[start : start + config.batch_size]
         seeds = [image_seed(config.seed, p.prompt_id, i) for p, i in chunk]
