@@ -47,3 +47,11 @@ def make_batch(pairs: int = 2, groups: int = 1, seed: int = 0) -> dict:
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def world_base(tmp_path_factory) -> str:
+    """The synthetic world's default biased base model, built once per session (minutes)."""
+    from popalign.world.base import build_base_model
+
+    return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))

@@ -206,9 +206,10 @@ def test_cli_world_command(tiny_base, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_default_base_is_biased_and_faithful(tmp_path):
-    """The full default build (minutes): neutral prompts biased, augmented prompts obeyed."""
-    path = wb.build_base_model(tmp_path / "base", progress=False)
+def test_default_base_is_biased_and_faithful(world_base):
+    """The full default build (minutes, shared with the demo test): neutral prompts biased,
+    augmented prompts obeyed."""
+    path = world_base
     r = wb.evaluate_base(path, n_per_prompt=32, seed=1)
     print(json.dumps(r, indent=2))
     assert r["neutral_discrepancy"] >= 0.3

@@ -1,0 +1,38 @@
+"""End to end: the demo's stages on the biased world remove most of the bias (slow: minutes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from popalign.demo import DemoSettings, run_demo
+
+
+@pytest.mark.slow
+def test_reduced_demo_debiases(world_base, tmp_path):
+    out = tmp_path / "demo"
+    shutil.copytree(world_base, out / "base")  # the cache key matches: no second base build
+    settings = DemoSettings(
+        out=str(out),
+        neutral_images=48,
+        augmented_images=8,
+        groups_per_prompt=6,
+        eval_images=48,
+        eval_specific_images=8,
+        progress=False,
+    )
+    report = run_demo(settings)
+    assert json.loads((out / "report.json").read_text()) == report
+    base, aligned = report["base"], report["aligned"]
+    print(json.dumps(report, indent=2))
+    # margins from measured runs (docs/results.md): the full demo measured aligned/base discrepancy
+    # 0.48 and specific accuracy -0.13 (tuning runs: 0.40-0.72 and -0.04 to -0.15); the reduced
+    # demo has fewer images, so its estimates are noisier and the margins wider
+    assert base["neutral_discrepancy"] >= 0.3
+    assert base["specific_accuracy"] >= 0.9
+    assert aligned["neutral_discrepancy"] <= 0.8 * base["neutral_discrepancy"]
+    assert aligned["specific_accuracy"] >= base["specific_accuracy"] - 0.25
+    assert aligned["occupation_accuracy"] >= base["occupation_accuracy"] - 0.05
+    assert (out / "eval" / "report.md").is_file()
