@@ -14,6 +14,7 @@ from popalign.cli import main as cli_main
 from popalign.errors import UserError
 from popalign.world import WorldSpec
 from popalign.world import base as wb
+from popalign.world import base_eval as be
 
 # A reduced build: tiny sizes, two optimiser steps per part (seconds on a CPU).
 TINY = wb.BaseTrainConfig(
@@ -167,13 +168,13 @@ def test_joint_discrepancy_arithmetic():
     # ||p - u||^2 = (3/4 - 1/6)^2 + (1/4 - 1/6)^2 + 4 (1/6)^2 = 49/144 + 1/144 + 16/144 = 66/144
     a = np.array([0, 0, 0, 1, -1])
     b = np.array([0, 0, 0, 0, 2])
-    assert wb.joint_discrepancy(a, b, 2, 3) == pytest.approx(np.sqrt(66 / 144))
-    assert wb.joint_discrepancy(np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 2, 2]), 2, 3) == 0.0
-    assert np.isnan(wb.joint_discrepancy(np.array([-1]), np.array([0]), 2, 3))
+    assert be.joint_discrepancy(a, b, 2, 3) == pytest.approx(np.sqrt(66 / 144))
+    assert be.joint_discrepancy(np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 2, 2]), 2, 3) == 0.0
+    assert np.isnan(be.joint_discrepancy(np.array([-1]), np.array([0]), 2, 3))
 
 
 def test_evaluate_base_reports_every_goal(tiny_base):
-    r = wb.evaluate_base(tiny_base, n_per_prompt=1, num_inference_steps=2)
+    r = be.evaluate_base(tiny_base, n_per_prompt=1, num_inference_steps=2)
     assert r["n_images"] == 6 * 7  # 6 occupations x (1 neutral + 6 augmented prompts)
     assert r["guidance_scale"] == 1.5 and r["num_inference_steps"] == 2
     assert r["train_majority"] == pytest.approx({"shirt": 0.85, "tone": 0.8})
@@ -187,7 +188,7 @@ def test_evaluate_base_reports_every_goal(tiny_base):
 
 def test_evaluate_needs_a_base_folder(tmp_path):
     with pytest.raises(UserError, match="popalign_base.json"):
-        wb.evaluate_base(tmp_path)
+        be.evaluate_base(tmp_path)
 
 
 def test_cli_world_command(tiny_base, tmp_path, monkeypatch, capsys):
@@ -210,7 +211,7 @@ def test_default_base_is_biased_and_faithful(world_base):
     """The full default build (minutes, shared with the demo test): neutral prompts biased,
     augmented prompts obeyed."""
     path = world_base
-    r = wb.evaluate_base(path, n_per_prompt=32, seed=1)
+    r = be.evaluate_base(path, n_per_prompt=32, seed=1)
     print(json.dumps(r, indent=2))
     assert r["neutral_discrepancy"] >= 0.3
     assert r["augmented_accuracy"] >= 0.9

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from popalign.errors import UserError
-    from popalign.world.base import BaseTrainConfig, build_base_model, evaluate_base, read_meta
+    from popalign.world.base import BaseTrainConfig, build_base_model, read_meta
+    from popalign.world.base_eval import evaluate_base
 
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
