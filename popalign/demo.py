@@ -210,9 +210,16 @@ def fid_reference(path: Path, n: int, seed: int) -> Path:
 
 
 def evaluate_pair(
-    s: DemoSettings, base: Path, aligned: Path | None, out: Path, steps: int, guidance: float
+    s: DemoSettings,
+    base: Path,
+    aligned: Path | None,
+    out: Path,
+    steps: int,
+    guidance: float,
+    with_baseline: bool = True,
 ) -> dict[str, dict]:
-    """Evaluate the aligned UNet on the base pipeline, with the base as baseline on the same seeds."""
+    """Evaluate the aligned UNet (or, without one, the base) on the base pipeline; with
+    ``with_baseline`` the base is evaluated too, on the same prompts and seeds."""
     from popalign.evaluation.config import EvalConfig
     from popalign.evaluation.evaluate import evaluate
 
@@ -220,7 +227,7 @@ def evaluate_pair(
     config = EvalConfig(
         model=str(base),
         unet=str(aligned / "unet") if aligned is not None else None,
-        baseline=str(base) if aligned is not None else None,
+        baseline=str(base) if aligned is not None and with_baseline else None,
         neutral=OCCUPATIONS,
         template=TEMPLATE,
         specific="expand",
@@ -321,7 +328,8 @@ def run_compare(s: DemoSettings, seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
             run = out / "compare" / f"{name}-s{seed}"
             settings = DemoSettings(**(asdict(s) | {"objective": objective}))
             aligned = train_and_export(settings, base, shards, run, seed)
-            metrics = evaluate_pair(settings, base, aligned, run / "eval", steps, guidance)["metrics"]
+            # the base was evaluated once above, on the same seeds
+            metrics = evaluate_pair(settings, base, aligned, run / "eval", steps, guidance, False)["metrics"]
             rows.setdefault(name, []).append(summary(metrics))
     lines = [
         f"Objectives from the same biased base and shards, {len(seeds)} seeds (mean ± sd); "
