@@ -150,7 +150,18 @@ class PopAlignLoss(Objective):
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
 
-class PopulationBTLoss(Objective):
+class _GroupedObjective(Objective):
+    """Shared constructor of the objectives that compare samples within population groups."""
+
+    needs_group = True
+
+    def __init__(self, beta: float = 5000.0, check_groups: bool = True) -> None:
+        super().__init__()
+        self.beta = float(beta)
+        self.check_groups = check_groups
+
+
+class PopulationBTLoss(_GroupedObjective):
     """Exact population-level Bradley-Terry loss inside each group (Li, Singh, Grover 2024).
 
     The reward of a population is the mean implicit reward of its members; per group ``k``::
@@ -166,13 +177,6 @@ class PopulationBTLoss(Objective):
         beta: inverse temperature on the population reward difference.
         check_groups: raise when a group lacks a side (costs one host sync per step).
     """
-
-    needs_group = True
-
-    def __init__(self, beta: float = 5000.0, check_groups: bool = True) -> None:
-        super().__init__()
-        self.beta = float(beta)
-        self.check_groups = check_groups
 
     def forward(
         self, policy_err: Tensor, ref_err: Tensor | None, preferred: Tensor, group: Tensor | None = None
@@ -204,7 +208,7 @@ class PopulationBTLoss(Objective):
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
 
-class DiffusionDPOLoss(Objective):
+class DiffusionDPOLoss(_GroupedObjective):
     """Pairwise Diffusion-DPO loss (Wallace et al. 2023, arXiv 2311.12908).
 
     Within each group the i-th preferred sample (in batch order) is paired with the i-th
@@ -219,13 +223,6 @@ class DiffusionDPOLoss(Objective):
         beta: inverse temperature on the implicit reward difference.
         check_groups: raise on unequal counts within a group (costs one host sync per step).
     """
-
-    needs_group = True
-
-    def __init__(self, beta: float = 5000.0, check_groups: bool = True) -> None:
-        super().__init__()
-        self.beta = float(beta)
-        self.check_groups = check_groups
 
     def forward(
         self, policy_err: Tensor, ref_err: Tensor | None, preferred: Tensor, group: Tensor | None = None
