@@ -1,4 +1,4 @@
-"""Run the whole pipeline on the built-in synthetic world and show that PopAlign removes its bias.
+"""Run the whole pipeline on the built-in synthetic world and measure how much of its bias PopAlign removes.
 
 Trains (once; cached) a tiny SDXL-architecture base model on a deliberately biased world, then runs
 the real stages: prompts -> generate -> label -> build -> train.py fit -> export -> evaluate, and writes
@@ -16,7 +16,7 @@ HELP = "end-to-end demo on the synthetic world (CPU, minutes): base vs aligned r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--config", default=None, help="training config (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None, help="training config; unset: configs/demo.yaml")
     parser.add_argument("--train-steps", type=int, default=300, help="PopAlign optimizer steps")
     parser.add_argument("--neutral-images", type=int, default=64, help="generated images per neutral prompt")
     parser.add_argument(
