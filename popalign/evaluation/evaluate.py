@@ -127,7 +127,7 @@ class Evaluator:
             self.adherence = get_adherence(config.adherence)
         self.clip = self.fid = None
         if config.clip_model:
-            from popalign.metrics.quality import ClipEncoder
+            from popalign.metrics.clip import ClipEncoder
 
             self.clip = ClipEncoder(config.clip_model).to(self.device)
         else:

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from popalign.metrics.accuracy import SpecificAccuracy
+from popalign.metrics.clip import CLIPScore, Scorer, optional_scorers
 from popalign.metrics.discrepancy import UNKNOWN, Discrepancy, discrepancy_from_counts, joint_labels
-from popalign.metrics.quality import (
-    FID,
-    CLIPScore,
-    PixelStatsFeatures,
-    Scorer,
-    frechet_distance,
-    optional_scorers,
-)
+from popalign.metrics.fid import FID, PixelStatsFeatures, frechet_distance
 
 __all__ = [
     "CLIPScore",
