@@ -37,11 +37,6 @@ class EvalConfig:
     images_per_prompt: int = 8
     specific_images_per_prompt: int | None = None  # None: images_per_prompt
 
-    def images_for(self, kind: str) -> int:
-        """Images sampled per prompt of this kind (specific prompts name their classes: fewer suffice)."""
-        if kind == "specific" and self.specific_images_per_prompt is not None:
-            return self.specific_images_per_prompt
-        return self.images_per_prompt
     seed: int = 0
     steps: int = 30
     guidance_scale: float = 5.0
@@ -58,6 +53,12 @@ class EvalConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
+
+    def images_for(self, kind: str) -> int:
+        """Images sampled per prompt of this kind (specific prompts name their classes: fewer suffice)."""
+        if kind == "specific" and self.specific_images_per_prompt is not None:
+            return self.specific_images_per_prompt
+        return self.images_per_prompt
 
     def check(self) -> None:
         """``UserError`` for settings no run can use (before anything is loaded)."""
