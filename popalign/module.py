@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from popalign.ema import EMA
+from popalign.errors import UserError
 from popalign.models.loading import (
     DEFAULT_LORA_TARGETS,
     FINGERPRINT_KEY,
@@ -55,6 +56,13 @@ class PopAlignModule(L.LightningModule):
         skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf (costs one host sync per
             optimizer step); counted in ``train/nonfinite_steps``.
         max_nonfinite_steps: abort the run when more steps than this were skipped.
+        preservation_weight: weight ``w`` of the identity-prompt preservation term. Each preferred
+            member is denoised a second time under its own identity-specific caption ``c_s`` (same ε
+            and t as its pair) and ``L_keep = mean_i mean((f_θ(x_t, t, c_s) − f_ref(x_t, t, c_s))²)``
+            is added: ``loss = objective + w · L_keep``. It holds the prompts that name a class where
+            the reference had them while the neutral prompts move (docs/objectives.md). Needs shards
+            with source embeddings (``popalign build`` writes them); costs half a batch more of UNet
+            passes. 0 (default) turns it off.
     """
 
     def __init__(
@@ -74,6 +82,7 @@ class PopAlignModule(L.LightningModule):
         ema_decay: float | None = None,
         skip_nonfinite: bool = True,
         max_nonfinite_steps: int = 10,
+        preservation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
@@ -82,6 +91,10 @@ class PopAlignModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
+        if preservation_weight < 0:
+            raise ValueError(f"preservation_weight must be >= 0, got {preservation_weight}")
+        self.preservation_weight = float(preservation_weight)
+        self.needs_reference = self.objective.needs_reference or self.preservation_weight > 0
 
         self.policy = load_unet(pretrained_model).train()  # from_pretrained returns eval mode
         # recorded in checkpoints so an export onto another base (same architecture) is refused
@@ -101,7 +114,7 @@ class PopAlignModule(L.LightningModule):
         self.reference: nn.Module | None = None
         if self.lora:
             add_lora(self.policy, lora_rank, lora_alpha, lora_target_modules)
-        elif self.objective.needs_reference:
+        elif self.needs_reference:
             self.reference = frozen_copy(self.policy, parse_dtype(reference_dtype))
         self._speed_up(gradient_checkpointing, compile_blocks, channels_last)
         self.ema = EMA(self.policy, ema_decay) if ema_decay is not None else None
@@ -166,20 +179,31 @@ class PopAlignModule(L.LightningModule):
         return noise.repeat(2, 1, 1, 1), t.repeat(2)
 
     def compute_objective(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> ObjectiveOutput:
-        """Per-sample denoising errors of policy (and reference) for given noise and timesteps -> objective."""
+        """Per-sample denoising errors of policy (and reference) for given noise and timesteps -> objective.
+
+        With ``preservation_weight > 0`` the preferred rows are appended once more, conditioned on their
+        own captions, so one UNet call per model covers both terms.
+        """
         x0 = batch["latents"].float()
+        n = x0.shape[0]
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        policy_err = (
-            (self._unet(self.policy, x_t, timesteps, batch, torch.float32) - target)
-            .pow(2)
-            .mean(dim=(1, 2, 3))
-        )
-        ref_err = None
-        if self.objective.needs_reference:
-            ref_err = (self._reference_prediction(x_t, timesteps, batch) - target).pow(2).mean(dim=(1, 2, 3))
-        return self.objective(policy_err, ref_err, batch["preferred"], batch["group"])
+        cond, t = batch, timesteps
+        if self.preservation_weight > 0:
+            cond, x_t, t = _with_source_captions(batch, x_t, timesteps)
+        policy_pred = self._unet(self.policy, x_t, t, cond, torch.float32)
+        policy_err = (policy_pred[:n] - target).pow(2).mean(dim=(1, 2, 3))
+        ref_pred = ref_err = None
+        if self.needs_reference:
+            ref_pred = self._reference_prediction(x_t, t, cond)
+            ref_err = (ref_pred[:n] - target).pow(2).mean(dim=(1, 2, 3))
+        out = self.objective(policy_err, ref_err, batch["preferred"], batch["group"])
+        if self.preservation_weight == 0:
+            return out
+        keep = (policy_pred[n:] - ref_pred[n:]).pow(2).mean()
+        metrics = {**out.metrics, "preservation": keep.detach()}
+        return ObjectiveOutput(loss=out.loss + self.preservation_weight * keep, metrics=metrics)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         noise, t = self.noise_and_timesteps(batch["latents"])
@@ -265,3 +289,23 @@ class PopAlignModule(L.LightningModule):
         current = self.state_dict()
         for key in self._frozen_keys() - set(state):
             state[key] = current[key]  # the freshly loaded pretrained weights, never the policy's
+
+
+def _with_source_captions(
+    batch: dict, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Append the P preferred rows again, conditioned on their own identity-specific captions."""
+    if "source_prompt_embeds" not in batch:
+        raise UserError(
+            "preservation_weight > 0 needs each preferred member's own caption embedding, and these "
+            "shards have none: rebuild them with `popalign build` (without --no-source-embeds) or set "
+            "preservation_weight: 0"
+        )
+    p = batch["source_prompt_embeds"].shape[0]
+    emb, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    cond = {
+        "prompt_embeds": torch.cat([emb, batch["source_prompt_embeds"].to(emb.dtype)]),
+        "pooled_prompt_embeds": torch.cat([pooled, batch["source_pooled_prompt_embeds"].to(pooled.dtype)]),
+        "time_ids": torch.cat([batch["time_ids"], batch["time_ids"][:p]]),
+    }
+    return cond, torch.cat([x_t, x_t[:p]]), torch.cat([t, t[:p]])

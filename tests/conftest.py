@@ -27,12 +27,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def make_batch(pairs: int = 2, groups: int = 1, seed: int = 0) -> dict:
-    """A batch in the DataModule's layout: rows i and i + P are a pair of group `group[i]`."""
+def make_batch(pairs: int = 2, groups: int = 1, seed: int = 0, sources: bool = False) -> dict:
+    """A batch in the DataModule's layout: rows i and i + P are a pair of group `group[i]`.
+
+    With ``sources`` it also holds each preferred row's own caption embedding (``source_*``)."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * pairs
     group = torch.arange(pairs) * groups // pairs
-    return {
+    batch = {
         "latents": torch.randn(n, 4, TINY_LATENT, TINY_LATENT, generator=g).half(),
         "prompt_embeds": torch.randn(n, 77, TINY_D, generator=g).half(),
         "pooled_prompt_embeds": torch.randn(n, TINY_DP, generator=g).half(),
@@ -42,6 +44,10 @@ def make_batch(pairs: int = 2, groups: int = 1, seed: int = 0) -> dict:
         "preferred": torch.arange(n) < pairs,
         "group": group.repeat(2),
     }
+    if sources:
+        batch["source_prompt_embeds"] = torch.randn(pairs, 77, TINY_D, generator=g).half()
+        batch["source_pooled_prompt_embeds"] = torch.randn(pairs, TINY_DP, generator=g).half()
+    return batch
 
 
 @pytest.fixture

@@ -50,5 +50,5 @@ def test_config_builds_on_a_tiny_model(config, tiny_model):
     )
     source = yaml.safe_load(Path(config).read_text())["model"]["init_args"]
     assert cli.model.lora == (source.get("lora_rank") is not None)
-    assert (cli.model.reference is None) == (cli.model.lora or not cli.model.objective.needs_reference)
+    assert (cli.model.reference is None) == (cli.model.lora or not cli.model.needs_reference)
     assert cli.trainer.max_steps == yaml.safe_load(Path(config).read_text())["trainer"]["max_steps"]

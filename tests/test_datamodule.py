@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_shards import make_group, write_shards
+from test_shards import make_group, with_sources, write_shards
 
 from popalign.data import PopulationDataModule, PopulationGroup, ShardError, collate_groups
 from popalign.data.datamodule import distributed_info
@@ -60,6 +60,29 @@ def test_collate_layout_and_dtypes():
         assert len(set(value[rows & ~batch["preferred"]].tolist())) == 3
     with pytest.raises(ValueError, match="fewer than 6 members"):
         collate_groups(groups, pairs_per_group=6, rng=np.random.default_rng(0))
+
+
+def test_collate_gives_each_preferred_row_its_own_caption():
+    groups = [with_sources(labelled_group(g, kp=4, kd=4)) for g in range(2)]
+    for g in groups:  # source row r holds 10 * prompt_id + r everywhere
+        g.source_prompt_embeds[:] = (10 * g.meta["prompt_id"] + np.arange(2))[:, None, None]
+        g.source_pooled_prompt_embeds[:] = -(10 * g.meta["prompt_id"] + np.arange(2))[:, None]
+    plain = collate_groups(groups[:1] + [labelled_group(1, 4, 4)], 2, np.random.default_rng(0))
+    assert "source_prompt_embeds" not in plain  # only when every group has them
+
+    batch = collate_groups(groups, 2, np.random.default_rng(0))
+    assert batch["source_prompt_embeds"].shape == (4, 77, 8)
+    assert batch["source_pooled_prompt_embeds"].shape == (4, 4)
+    for row in range(4):
+        g = int(batch["group"][row])
+        member = int(batch["latents"][row, 0, 0, 0]) - 100 * g
+        caption = groups[g].meta["preferred_sources"][member]
+        want = 10 * g + groups[g].meta["sources"].index(caption)
+        assert torch.all(batch["source_prompt_embeds"][row] == want)
+        assert torch.all(batch["source_pooled_prompt_embeds"][row] == -want)
+    # the same members are drawn with or without sources
+    same = collate_groups([labelled_group(g, 4, 4) for g in range(2)], 2, np.random.default_rng(0))
+    assert torch.equal(same["latents"], batch["latents"])
 
 
 def test_pair_drawing_without_replacement():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -81,6 +82,62 @@ def test_round_trip_values_and_count_cap(tmp_path):
         for name in ("preferred", "dispreferred", "prompt_embeds", "pooled_prompt_embeds", "time_ids"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
             assert getattr(got, name).dtype == getattr(want, name).dtype
+
+
+def with_sources(group: PopulationGroup) -> PopulationGroup:
+    """Give ``group`` two identity-specific source captions, alternating over its preferred members."""
+    rng = np.random.default_rng(100 + group.meta["prompt_id"])
+    sources = ["a photo of a female doctor", "a photo of a male doctor"]
+    group.meta["preferred_sources"] = [sources[i % 2] for i in range(group.num_preferred)]
+    group.meta["sources"] = sources
+    group.source_prompt_embeds = rng.standard_normal((2, *group.prompt_embeds.shape)).astype(np.float16)
+    group.source_pooled_prompt_embeds = rng.standard_normal((2, *group.pooled_prompt_embeds.shape)).astype(
+        np.float16
+    )
+    return group
+
+
+def test_source_embeddings_round_trip(tmp_path):
+    with PopulationShardWriter(tmp_path, maxcount=10) as writer:
+        writer.write(with_sources(make_group(0)))
+        writer.write(make_group(1))  # groups without them may share a shard
+    (got, plain), _ = read_all(writer.paths)
+    want = with_sources(make_group(0))
+    assert got.has_sources and not plain.has_sources and got.meta == want.meta
+    np.testing.assert_array_equal(got.source_prompt_embeds, want.source_prompt_embeds)
+    np.testing.assert_array_equal(got.source_pooled_prompt_embeds, want.source_pooled_prompt_embeds)
+    assert got.preferred_source_index().tolist() == [0, 1, 0, 1]
+
+
+def _sources_changed(change) -> PopulationGroup:
+    group = with_sources(make_group(1))
+    change(group)
+    return group
+
+
+BAD_SOURCES = {
+    "one_array": (lambda g: setattr(g, "source_pooled_prompt_embeds", None), "come together"),
+    "dtype": (
+        lambda g: setattr(g, "source_prompt_embeds", g.source_prompt_embeds.astype(np.float32)),
+        "expected float16",
+    ),
+    "shape": (
+        lambda g: setattr(g, "source_prompt_embeds", g.source_prompt_embeds[:, :5]),
+        "expected [S, *[77, 8]]",
+    ),
+    "count": (lambda g: g.meta.update(sources=["a photo of a female doctor"]), "the 2 distinct captions"),
+    "unknown": (
+        lambda g: g.meta["preferred_sources"].__setitem__(0, "a photo of a dog"),
+        "missing from 'sources'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+def test_bad_source_embeddings_are_refused(tmp_path, case):
+    change, problem = BAD_SOURCES[case]
+    with pytest.raises(ShardError, match=re.escape(problem)):
+        _sources_changed(change).validate()
 
 
 def test_size_cap_and_listing(tmp_path):

@@ -352,6 +352,21 @@ def test_build_balances_populations_and_trains_one_step(
         )
     np.testing.assert_allclose(g.prompt_embeds.astype(np.float32), embeds[0].numpy(), atol=2e-3)
     np.testing.assert_allclose(g.pooled_prompt_embeds.astype(np.float32), pooled[0].numpy(), atol=2e-3)
+    # each preferred member's own (identity-specific) caption is stored too, for preservation_weight
+    assert set(g.meta["sources"]) == set(g.meta["preferred_sources"]) and "nurse" in g.meta["sources"][0]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            g.meta["sources"], device="cpu", do_classifier_free_guidance=False
+        )
+    np.testing.assert_allclose(g.source_prompt_embeds.astype(np.float32), embeds.numpy(), atol=2e-3)
+    np.testing.assert_allclose(g.source_pooled_prompt_embeds.astype(np.float32), pooled.numpy(), atol=2e-3)
+
+    plain = tmp_path / "plain"
+    code, _, _ = run_cli(
+        [*args[:-1], plain, "--population-size", 2, "--groups-per-prompt", 2, "--no-source-embeds"], capsys
+    )
+    plain_groups = [PopulationGroup.from_sample(s) for s in iter_tar_samples(str(plain / "shard-000000.tar"))]
+    assert code == 0 and not any(p.has_sources or "sources" in p.meta for p in plain_groups)
 
     before = (out / "shard-000000.tar").stat().st_mtime_ns
     code, stdout, _ = run_cli([*args, "--population-size", 2, "--groups-per-prompt", 2], capsys)
@@ -361,11 +376,16 @@ def test_build_balances_populations_and_trains_one_step(
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["latents"].shape == (8, 4, TINY_LATENT, TINY_LATENT)
+    assert batch["source_prompt_embeds"].shape == (4, *batch["prompt_embeds"].shape[1:])
     module = PopAlignModule(
-        pretrained_model=tiny_model, objective=PopAlignLoss(beta=500.0), reference_dtype="float32"
+        pretrained_model=tiny_model,
+        objective=PopAlignLoss(beta=500.0),
+        reference_dtype="float32",
+        preservation_weight=100.0,
     )
     loss = module.training_step(batch, 0)
-    # policy == reference at the start: g = 0 for every sample, kappa = 0, loss = -log sigmoid(0) = log 2
+    # policy == reference at the start: g = 0 for every sample, kappa = 0, loss = -log sigmoid(0) = log 2,
+    # and the preservation term is 0
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())

@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     parser.add_argument("--shard-size", type=int, default=100, metavar="N", help="groups per shard")
     parser.add_argument(
+        "--no-source-embeds",
+        dest="source_embeds",
+        action="store_false",
+        help="do not store the preferred members' own (identity-specific) caption embeddings; "
+        "smaller shards, but training cannot use preservation_weight",
+    )
+    parser.add_argument(
         "--vae", default=S, help="VAE for images without saved latents (default: the model's)"
     )
     parser.add_argument("--device", default="cpu", help="device for the text encoders and VAE")
@@ -80,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from popalign.data.build import BuildSettings, build_populations, format_summary
     from popalign.errors import UserError
 
-    settings = BuildSettings(args.population_size, args.groups_per_prompt, args.seed, args.shard_size)
+    settings = BuildSettings(
+        args.population_size, args.groups_per_prompt, args.seed, args.shard_size, args.source_embeds
+    )
     axes = load_axes(args.axes) if hasattr(args, "axes") else None  # absent (SUPPRESS) unless given
     summary = build_populations(
         args.images, args.labels, args.prompts, args.model, args.out, axes=axes, settings=settings,

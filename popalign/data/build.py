@@ -9,6 +9,9 @@ For every neutral prompt, each of ``G`` groups holds:
 * a *dispreferred* population of ``K`` images of the neutral prompt itself.
 
 Both are captioned with the neutral prompt, encoded once per prompt with both SDXL text encoders.
+Each group also stores the embeddings of the augmented captions its preferred members came from
+(``source_prompt_embeds``), for the trainer's identity-prompt preservation term; ``--no-source-embeds``
+leaves them out.
 Latents come from ``generate`` (VAE-encoded here only for images without ``latent.npy``). The shards
 follow ``docs/shards.md``; ``summary.json`` records the counts. Shards are built in ``OUT/.partial``
 and moved into place when all are written; a re-run with unchanged inputs does nothing.
@@ -52,6 +55,7 @@ class BuildSettings:
     groups_per_prompt: int = 4
     seed: int = 0
     shard_size: int = 100
+    source_embeds: bool = True  # also store each preferred member's own caption embedding
 
     def check(self) -> None:
         for name in ("population_size", "groups_per_prompt", "shard_size"):
@@ -263,6 +267,9 @@ def build_populations(
     summary["prompts"]["built"] = len({item[0].prompt_id for item in plan})
 
     captions = list(dict.fromkeys(item[0].prompt for item in plan))
+    if s.source_embeds:
+        captions = list(dict.fromkeys(captions + [i.source for item in plan for i in item[2]]))
+    row_of = {caption: c for c, caption in enumerate(captions)}
     embeds, pooled = (
         TextEncoders.from_pretrained(model, device=device).encode(captions) if captions else (None, None)
     )
@@ -287,7 +294,9 @@ def build_populations(
     h, w = index["size"]
     with PopulationShardWriter(staging, prefix="shard", maxcount=s.shard_size) as writer:
         for row, g, pref, disp in plan:
-            c = captions.index(row.prompt)
+            c = row_of[row.prompt]
+            sources = list(dict.fromkeys(i.source for i in pref)) if s.source_embeds else []
+            rows = [row_of[x] for x in sources]
             meta = {
                 "prompt": row.prompt, "prompt_id": row.prompt_id, "neutral_id": row.neutral_id,
                 "axes": [a.name for a in axes],
@@ -296,12 +305,14 @@ def build_populations(
                 "preferred_sources": [i.source for i in pref], "dispreferred_sources": [i.source for i in disp],
                 "preferred_keys": [i.key for i in pref], "dispreferred_keys": [i.key for i in disp],
                 "seeds": [i.seed for i in (*pref, *disp)],
-            }  # fmt: skip
+            } | ({"sources": sources} if s.source_embeds else {})  # fmt: skip
             writer.write(PopulationGroup(
                 key=f"{row.neutral_id}-g{g:04d}",
                 preferred=np.stack([i.latent for i in pref]).astype(np.float16),
                 dispreferred=np.stack([i.latent for i in disp]).astype(np.float16),
                 prompt_embeds=embeds[c], pooled_prompt_embeds=pooled[c], time_ids=time_ids(h, w), meta=meta,
+                source_prompt_embeds=embeds[rows] if sources else None,
+                source_pooled_prompt_embeds=pooled[rows] if sources else None,
             ))  # fmt: skip
     old.unlink(missing_ok=True)  # from here until the new summary, the folder is visibly incomplete
     for stale in out.glob("shard-*.tar"):

@@ -32,10 +32,14 @@ def collate_groups(
     Returns ``latents`` [2P, C, h, w] (stored dtype; rows 0..P-1 preferred, P..2P-1 dispreferred,
     row i pairs with row i + P, both from one group), ``prompt_embeds`` [2P, L, D],
     ``pooled_prompt_embeds`` [2P, Dp], ``time_ids`` [2P, 6] float32, ``preferred`` bool [2P],
-    ``group`` long [2P] (index of the group in the batch) and ``keys`` (the G group keys).
+    ``group`` long [2P] (index of the group in the batch) and ``keys`` (the G group keys). When every
+    group carries source embeddings, also ``source_prompt_embeds`` [P, L, D] and
+    ``source_pooled_prompt_embeds`` [P, Dp]: each preferred row's own identity-specific caption.
     """
     n = pairs_per_group
     pref, disp, pref_t, disp_t, embeds, pooled = [], [], [], [], [], []
+    with_sources = all(g.has_sources for g in groups)
+    src_embeds, src_pooled = [], []
     for g in groups:
         if min(g.num_preferred, g.num_dispreferred) < n:
             raise ValueError(f"group {g.key!r} has fewer than {n} members in a population")
@@ -48,8 +52,12 @@ def collate_groups(
         disp_t.append(td[di])
         embeds.append(np.broadcast_to(g.prompt_embeds, (n, *g.prompt_embeds.shape)))
         pooled.append(np.broadcast_to(g.pooled_prompt_embeds, (n, *g.pooled_prompt_embeds.shape)))
+        if with_sources:
+            rows = g.preferred_source_index()[pi]
+            src_embeds.append(g.source_prompt_embeds[rows])
+            src_pooled.append(g.source_pooled_prompt_embeds[rows])
     group_index = torch.arange(len(groups)).repeat_interleave(n)
-    return {
+    batch = {
         "latents": torch.from_numpy(np.concatenate(pref + disp)),
         "prompt_embeds": torch.from_numpy(np.concatenate(embeds + embeds)),
         "pooled_prompt_embeds": torch.from_numpy(np.concatenate(pooled + pooled)),
@@ -58,6 +66,10 @@ def collate_groups(
         "group": torch.cat([group_index, group_index]),
         "keys": [g.key for g in groups],
     }
+    if with_sources:
+        batch["source_prompt_embeds"] = torch.from_numpy(np.concatenate(src_embeds))
+        batch["source_pooled_prompt_embeds"] = torch.from_numpy(np.concatenate(src_pooled))
+    return batch
 
 
 class PopulationStream(IterableDataset):

@@ -18,6 +18,8 @@ import numpy as np
 from popalign.errors import UserError
 
 ARRAY_FILES = ("preferred", "dispreferred", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+# the identity-specific captions the preferred members were sampled from (for preservation_weight)
+SOURCE_FILES = ("source_prompt_embeds", "source_pooled_prompt_embeds")
 META_FILE = "json"
 REQUIRED_FILES = tuple(f"{name}.npy" for name in ARRAY_FILES) + (META_FILE,)
 # key grammar: webdataset splits a file name at its first dot, and tar names must stay short
@@ -49,7 +51,11 @@ class PopulationGroup:
         pooled_prompt_embeds: float16 ``[Dp]`` (SDXL: 1280).
         time_ids: float32 ``[6]`` for every member or ``[Kp + Kd, 6]`` per member, preferred first.
         meta: ``prompt``, ``prompt_id``, ``axes``, ``preferred_labels``, ``dispreferred_labels``,
-            ``preferred_sources``, ``dispreferred_sources``, optional ``seeds``, any extra keys.
+            ``preferred_sources``, ``dispreferred_sources``, optional ``seeds``, any extra keys; with
+            source embeddings also ``sources`` (the S distinct captions they encode, in order).
+        source_prompt_embeds: optional float16 ``[S, L, D]``: the embeddings of the identity-specific
+            captions the preferred members were sampled from, one per distinct caption.
+        source_pooled_prompt_embeds: optional float16 ``[S, Dp]``, present exactly when the above is.
     """
 
     key: str
@@ -59,6 +65,18 @@ class PopulationGroup:
     pooled_prompt_embeds: np.ndarray
     time_ids: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    source_prompt_embeds: np.ndarray | None = None
+    source_pooled_prompt_embeds: np.ndarray | None = None
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether the group carries its preferred members' own caption embeddings."""
+        return self.source_prompt_embeds is not None
+
+    def preferred_source_index(self) -> np.ndarray:
+        """Row of ``source_prompt_embeds`` for each preferred member: int64 ``[Kp]``."""
+        row = {caption: i for i, caption in enumerate(self.meta["sources"])}
+        return np.array([row[s] for s in self.meta["preferred_sources"]], dtype=np.int64)
 
     @property
     def num_preferred(self) -> int:
@@ -121,12 +139,38 @@ class PopulationGroup:
         for name, arr in arrays.items():
             if not np.isfinite(arr).all():
                 return f"{name} contains NaN or inf"
-        return _meta_problem(self.meta, self.num_preferred, self.num_dispreferred)
+        return _meta_problem(self.meta, self.num_preferred, self.num_dispreferred) or self._source_problem()
+
+    def _source_problem(self) -> str | None:
+        emb, pooled = self.source_prompt_embeds, self.source_pooled_prompt_embeds
+        if emb is None and pooled is None:
+            return None
+        if emb is None or pooled is None:
+            return "source_prompt_embeds and source_pooled_prompt_embeds come together; one is missing"
+        for name, arr in zip(SOURCE_FILES, (emb, pooled)):
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float16:
+                return f"{name} has dtype {getattr(arr, 'dtype', type(arr).__name__)}, expected float16"
+            if not np.isfinite(arr).all():
+                return f"{name} contains NaN or inf"
+        emb_shape = list(self.prompt_embeds.shape)
+        if emb.ndim != 3 or list(emb.shape[1:]) != emb_shape:
+            return f"source_prompt_embeds has shape {emb.shape}, expected [S, *{emb_shape}]"
+        n = emb.shape[0]
+        if pooled.shape != (n, *self.pooled_prompt_embeds.shape):
+            want = [n, *self.pooled_prompt_embeds.shape]
+            return f"source_pooled_prompt_embeds has shape {pooled.shape}, expected {want}"
+        sources = self.meta.get("sources")
+        if not isinstance(sources, list) or len(sources) != n or len(set(sources)) != n:
+            return f"metadata 'sources' must list the {n} distinct captions of source_prompt_embeds"
+        unknown = sorted(set(self.meta["preferred_sources"]) - set(sources))
+        if unknown:
+            return f"metadata 'preferred_sources' names captions missing from 'sources': {unknown[:3]}"
+        return None
 
     def to_sample(self) -> dict[str, Any]:
         """Encode as a webdataset sample: ``{"__key__": key, "<ext>": bytes, ...}``."""
         sample: dict[str, Any] = {"__key__": self.key}
-        for name in ARRAY_FILES:
+        for name in ARRAY_FILES + (SOURCE_FILES if self.has_sources else ()):
             buf = io.BytesIO()
             np.save(buf, getattr(self, name), allow_pickle=False)
             sample[f"{name}.npy"] = buf.getvalue()
@@ -148,7 +192,7 @@ class PopulationGroup:
         if missing:
             raise ShardError(f"missing {', '.join(missing)}", url=url, key=key)
         arrays = {}
-        for name in ARRAY_FILES:
+        for name in ARRAY_FILES + tuple(n for n in SOURCE_FILES if f"{n}.npy" in sample):
             try:
                 arrays[name] = _load_npy(sample[f"{name}.npy"])
             except ValueError as err:

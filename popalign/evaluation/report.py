@@ -228,7 +228,11 @@ def render_report(
     lines += [
         f"- axes: {axes}; classifier: `{settings.get('classifier')}`",
         f"- {settings.get('images_per_prompt')} images per prompt"
-        + (f" ({settings['specific_images_per_prompt']} per specific prompt)" if settings.get("specific_images_per_prompt") else "")
+        + (
+            f" ({settings['specific_images_per_prompt']} per specific prompt)"
+            if settings.get("specific_images_per_prompt")
+            else ""
+        )
         + f", seed {settings.get('seed')}, "
         f"{settings.get('steps')} steps, guidance {settings.get('guidance_scale')}, "
         f"{settings.get('height')}x{settings.get('width')} px",
