@@ -1,4 +1,5 @@
-"""The step-throughput benchmark runs in-process on the tiny model (benchmarks/step_throughput.py)."""
+"""The step-throughput benchmark (benchmarks/step_throughput.py) runs in-process on the tiny model; its
+pieces (popalign.models.step_timing, synthetic_step, flops, sdxl_arch) are checked directly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import pytest
 import torch
 
 from popalign.errors import UserError
+from popalign.models.flops import count_flops
 from popalign.models.loading import load_unet
+from popalign.models.sdxl_arch import SDXL_UNET, SDXL_VAE
+from popalign.models.step_timing import StepConfig
+from popalign.models.synthetic_step import Shapes, make_batch, make_step, read_shapes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
 
@@ -63,22 +68,22 @@ def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys):
     assert "MFU %" in table and "b2+ckpt=bogus" in table and "error" in table
 
 
-def test_counted_flops_are_linear_in_the_batch(bench, tiny_model):
+def test_counted_flops_are_linear_in_the_batch(tiny_model):
     # per-pair counting then scaling is exact: count a 1-pair and a 2-pair step of the same module
     from popalign.module import PopAlignModule
 
     module = PopAlignModule(tiny_model)
     opt = module.configure_optimizers()
-    shapes = bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+    shapes = Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
     cpu = torch.device("cpu")
-    flops = [bench.count_flops(bench.make_step(module, opt, bench.make_batch(n, shapes, cpu, False), None, "32"))
+    flops = [count_flops(make_step(module, opt, make_batch(n, shapes, cpu, False), None, "32"))
              for n in (2, 4)]  # fmt: skip
     assert flops[0] > 0 and flops[1] == 2 * flops[0]
 
 
-def test_shapes_read_from_the_folder(bench, tiny_model):
+def test_shapes_read_from_the_folder(tiny_model):
     # conftest's tiny model: 16 px images, VAE downsampling x2 -> 8 x 8 latents, D = 64, Dp = 32
-    assert bench.read_shapes(Path(tiny_model)) == bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+    assert read_shapes(Path(tiny_model)) == Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
 
 
 def test_missing_model_folder_is_a_user_error(bench, tmp_path):
@@ -86,9 +91,9 @@ def test_missing_model_folder_is_a_user_error(bench, tmp_path):
         bench.main(["--model", str(tmp_path), "--device", "cpu"])
 
 
-def test_batch_layout_matches_the_datamodule(bench):
-    shapes = bench.Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
-    b = bench.make_batch(4, shapes, torch.device("cpu"), images=True)
+def test_batch_layout_matches_the_datamodule():
+    shapes = Shapes(latent=8, text_dim=64, pooled_dim=32, image=16)
+    b = make_batch(4, shapes, torch.device("cpu"), images=True)
     assert b["latents"].shape == (4, 4, 8, 8) and b["latents"].dtype == torch.float16
     assert b["prompt_embeds"].shape == (4, 77, 64) and b["pooled_prompt_embeds"].shape == (4, 32)
     assert b["time_ids"].tolist()[0] == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
@@ -97,12 +102,12 @@ def test_batch_layout_matches_the_datamodule(bench):
     assert b["images"].shape == (4, 3, 16, 16) and -1 <= b["images"].min() and b["images"].max() <= 1
 
 
-def test_config_specs(bench):
-    cfg = bench.StepConfig.parse("b8+ckpt=save_attention+compile_all=max-autotune-no-cudagraphs+cl+lora16")
+def test_config_specs():
+    cfg = StepConfig.parse("b8+ckpt=save_attention+compile_all=max-autotune-no-cudagraphs+cl+lora16")
     assert (cfg.batch, cfg.checkpointing, cfg.compile, cfg.compile_all) == (
         8, "save_attention", "max-autotune-no-cudagraphs", True)  # fmt: skip
     assert cfg.channels_last and cfg.lora_rank == 16 and not cfg.original
-    plain = bench.StepConfig.parse("b4+ckpt+compile+original")
+    plain = StepConfig.parse("b4+ckpt+compile+original")
     assert (plain.checkpointing, plain.compile, plain.compile_all, plain.original) == (
         "full",
         "default",
@@ -110,16 +115,16 @@ def test_config_specs(bench):
         True,
     )
     with pytest.raises(UserError, match="unknown token 'fast'"):
-        bench.StepConfig.parse("b4+fast")
+        StepConfig.parse("b4+fast")
     with pytest.raises(UserError, match="must be even"):
-        bench.StepConfig.parse("b3")
+        StepConfig.parse("b3")
 
 
-def test_sdxl_config_has_sdxl_size(bench):
+def test_sdxl_config_has_sdxl_size():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):  # shapes only, no memory
-        unet = UNet2DConditionModel(**bench.SDXL_UNET)
-        vae = AutoencoderKL(**bench.SDXL_VAE)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
