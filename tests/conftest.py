@@ -1,11 +1,22 @@
-"""Shared fixtures: a tiny SDXL-architecture pipeline saved once per session, and batch builders."""
+"""Shared fixtures: a tiny SDXL-architecture pipeline saved once per session, what the data stages make
+with it (prompt table, images, labels), and helpers: batch builders, a CLI runner."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from popalign.cli import main
+from popalign.data.axes import load_axes
+from popalign.data.generate import load_pipeline
+from popalign.data.images import iter_image_samples
+from popalign.data.prompts import expand_prompts, write_prompt_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,3 +72,113 @@ def world_base(tmp_path_factory) -> str:
     from popalign.world.base import build_base_model
 
     return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))
+
+
+# ------------------------------------------------ the data stages: generate -> label -> build
+# test_generate, test_label, test_build and test_stage_errors share these session fixtures; tests only
+# read them (anything they change is a copy under tmp_path)
+N_IMAGES = 4  # per prompt
+GEN_FLAGS = ["--images-per-prompt", str(N_IMAGES), "--steps", "2", "--height", str(TINY_IMAGE)]
+GEN_FLAGS += ["--width", str(TINY_IMAGE), "--guidance-scale", "1.0", "--batch-size", "4", "--shard-size", "8"]
+GEN_FLAGS += ["--no-progress"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Used by the data-stage test modules (``pytestmark``): tiny models, threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_model):
+    return load_pipeline(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def table(tmp_path_factory) -> Path:
+    """2 neutral prompts x gender: 2 neutral + 4 augmented rows."""
+    rows = expand_prompts(
+        ["a photo of a {identity} doctor", "a photo of a {identity} nurse"], load_axes(["gender"])
+    )
+    return write_prompt_table(rows, tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
+
+
+@pytest.fixture(scope="session")
+def generated(tiny_model, table, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "images"
+    assert (
+        main(["generate", "--model", tiny_model, "--prompts", str(table), "--out", str(out), *GEN_FLAGS]) == 0
+    )
+    return out
+
+
+ORACLE = '''
+import hashlib, json
+import numpy as np
+from popalign.data.classifiers import AttributeClassifier
+
+class Oracle(AttributeClassifier):
+    """Labels an image by looking its pixels up in a JSON table {sha1: {axis: class}}."""
+    def __init__(self, axes, truth):
+        super().__init__(axes)
+        self.truth = json.load(open(truth))
+    def classify(self, images):
+        out = {a.name: np.zeros(len(images), dtype=np.int64) for a in self.axes}
+        for i, im in enumerate(images):
+            lab = self.truth[hashlib.sha1(im.tobytes()).hexdigest()]
+            for a in self.axes:
+                out[a.name][i] = -1 if lab[a.name] == "unknown" else a.index(lab[a.name])
+        return out
+'''
+
+
+@pytest.fixture(scope="session")
+def oracle(generated, tmp_path_factory):
+    """A plugin classifier and its truth: augmented images get their prompt's class, except one
+    unknown (p0000-a0000-0000) and one disagreeing (p0000-a0001-0001); neutral images are male,
+    except p0001-0003 which is unknown."""
+    d = tmp_path_factory.mktemp("plugin")
+    (d / "oracle_plugin.py").write_text(ORACLE)
+    truth = {}
+    for s in iter_image_samples(generated):
+        label = dict(s.meta["classes"]) or {"gender": "male"}
+        label = {"p0000-a0000-0000": {"gender": "unknown"}, "p0000-a0001-0001": {"gender": "male"}}.get(
+            s.key, label
+        )
+        label = {"gender": "unknown"} if s.key == "p0001-0003" else label
+        truth[hashlib.sha1(s.image().tobytes()).hexdigest()] = label
+    (d / "truth.json").write_text(json.dumps(truth))
+    sys.path.insert(0, str(d))
+    yield ["--classifier", "oracle_plugin:Oracle", "--classifier-option", f"truth={d / 'truth.json'}"]
+    sys.path.remove(str(d))
+
+
+@pytest.fixture(scope="session")
+def labels(generated, oracle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("labels") / "labels.jsonl"
+    assert (
+        main(
+            [
+                "label",
+                "--images",
+                str(generated),
+                "--axes",
+                "gender",
+                *oracle,
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return out

@@ -1,0 +1,173 @@
+"""Bad input to generate, label and build: one line on stderr, exit 2, and nothing that looks complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from popalign.data.images import ImageShardWriter, encode_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fails(args: list, capsys, *needles: str) -> str:
+    code, _, err = run_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def inputs(generated, labels, table, tmp_path) -> dict:
+    """Writable copies of the generated images, labels and prompt table."""
+    shutil.copytree(generated, tmp_path / "images")
+    shutil.copy(labels, tmp_path / "labels.jsonl")
+    shutil.copy(table, tmp_path / "prompts.jsonl")
+    return {
+        k: tmp_path / n
+        for k, n in (("images", "images"), ("labels", "labels.jsonl"), ("prompts", "prompts.jsonl"))
+    }
+
+
+def build_args(inputs: dict, model: str, out: Path) -> list:
+    args = ["build", "--model", model, "--out", out, "--population-size", 2, "--groups-per-prompt", 1]
+    return args + [x for k in ("images", "labels", "prompts") for x in (f"--{k}", inputs[k])]
+
+
+def nothing_built(out: Path) -> bool:
+    return not (out / "summary.json").exists() and not list(out.glob("*.tar"))
+
+
+def test_bad_prompt_tables_and_labels(inputs, tiny_model, tmp_path, capsys):
+    out = tmp_path / "shards"
+    rows = inputs["prompts"].read_text().splitlines()
+    inputs["prompts"].write_text("\n".join(rows[:2] + [rows[2].replace('"classes"', '"klasses"')] + rows[3:]))
+    fails(build_args(inputs, tiny_model, out), capsys, f"{inputs['prompts']}:3", "missing key(s) classes")
+    fails(
+        ["generate", "--model", tiny_model, "--prompts", inputs["prompts"], "--out", tmp_path / "g"],
+        capsys,
+        "prompts.jsonl:3",
+    )
+    inputs["prompts"].write_text("\n".join(rows))
+    good = inputs["labels"].read_text().splitlines()
+    inputs["labels"].write_text("\n".join([good[0].replace('"labels"', '"labelz"'), *good[1:]]))
+    fails(build_args(inputs, tiny_model, out), capsys, f"{inputs['labels']}:1", "missing key(s) labels")
+    inputs["labels"].write_text("\n".join(good[:-1]))  # one image without a label
+    fails(
+        build_args(inputs, tiny_model, out), capsys, str(inputs["labels"]), "no label for", "p0001-a0001-0003"
+    )
+    extra = good[0].replace("p0000-0000", "p0000-0042")
+    inputs["labels"].write_text("\n".join([*good, extra]))  # a label for an image that is not there
+    fails(build_args(inputs, tiny_model, out), capsys, "1 labelled images are not in", "p0000-0042")
+    inputs["labels"].write_text("\n".join([good[0].replace('"male"', '"martian"'), *good[1:]]))
+    fails(build_args(inputs, tiny_model, out), capsys, f"{inputs['labels']}:1", "'martian' is not a class")
+    assert nothing_built(out)
+
+
+def test_bad_image_shards(inputs, tiny_model, oracle, tmp_path, capsys):
+    out, labels_out = tmp_path / "shards", tmp_path / "new_labels.jsonl"
+    # an image of another size than the rest (and than the latents the model gives)
+    with ImageShardWriter(inputs["images"], rank=1) as writer:
+        meta = {
+            "prompt_id": "p0000",
+            "kind": "neutral",
+            "prompt": "a photo of a doctor",
+            "seed": 0,
+            "height": 24,
+            "width": 24,
+        }
+        writer.write_prompt(
+            "p0000", [encode_image("p0000-0099", np.zeros((24, 24, 3), np.uint8), None, meta)]
+        )
+    row = json.loads(inputs["labels"].read_text().splitlines()[0])
+    with open(inputs["labels"], "a") as f:
+        f.write(json.dumps({**row, "key": "p0000-0099"}) + "\n")
+    fails(
+        build_args(inputs, tiny_model, out),
+        capsys,
+        "images-r1-000000.tar",
+        "p0000-0099",
+        "24x24, expected 16x16",
+    )
+    (inputs["images"] / "images-r1-000000.tar").unlink()
+    # a shard cut short (a copy interrupted mid-file)
+    shard = inputs["images"] / "images-r0-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    label = [
+        "label",
+        "--images",
+        inputs["images"],
+        "--axes",
+        "gender",
+        *oracle,
+        "--out",
+        labels_out,
+        "--no-progress",
+    ]
+    fails(label, capsys, str(shard), "truncated")
+    assert not labels_out.exists()  # only the .partial, never a table that looks complete
+    fails(build_args(inputs, tiny_model, out), capsys, str(shard), "truncated")
+    shard.write_bytes(b"not a tar file at all" * 100)
+    fails(build_args(inputs, tiny_model, out), capsys, str(shard))
+    fails(
+        [
+            "label",
+            "--images",
+            tmp_path / "nowhere",
+            "--axes",
+            "gender",
+            "--classifier",
+            "world",
+            "--out",
+            labels_out,
+        ],
+        capsys,
+        "nowhere",
+    )
+    fails(
+        [
+            "label",
+            "--images",
+            inputs["images"],
+            "--axes",
+            "gender",
+            "--classifier",
+            "world",
+            "--out",
+            labels_out,
+        ],
+        capsys,
+        "not a world axis",
+    )
+    assert nothing_built(out)
+
+
+def test_model_folder_missing_a_component(inputs, tiny_model, tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    out = tmp_path / "shards"
+    fails(build_args(inputs, str(broken), out), capsys, str(broken), "no 'text_encoder_2/' folder")
+    assert nothing_built(out)
+    fails(
+        [
+            "generate",
+            "--model",
+            broken,
+            "--prompts",
+            inputs["prompts"],
+            "--out",
+            tmp_path / "g",
+            "--no-progress",
+        ],
+        capsys,
+        "text_encoder_2",
+    )
+    fails(build_args(inputs, str(tmp_path / "no" / "such" / "model"), out), capsys, "model folder not found")
