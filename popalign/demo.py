@@ -38,7 +38,7 @@ class DemoSettings:
     augmented_images: int = 12  # per augmented prompt: the preferred populations
     population_size: int = 8
     groups_per_prompt: int = 8
-    train_steps: int = 300
+    train_steps: int = 500
     eval_images: int = 100  # per neutral prompt, on held-out seeds
     eval_specific_images: int = 16  # per augmented (identity-specific) prompt
     steps: int | None = None  # sampling steps; None: the base model's recommended settings
@@ -160,7 +160,8 @@ def make_shards(s: DemoSettings, base: Path, steps: int, guidance: float, stage:
 
 
 def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed: int) -> Path:
-    """``train.py fit`` with the demo config, then ``popalign export`` of the last checkpoint -> UNet folder.
+    """``train.py fit`` with the demo config, then ``popalign export`` of the last checkpoint -> UNet folder
+    (its EMA weights when the config sets ``ema_decay``).
 
     The run's own copy of the config (paths, seed, steps and objective filled in) is written to
     ``run/config.yaml`` first, so the run can be repeated by hand with ``train.py fit --config``.
@@ -192,7 +193,10 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
     for stale in (run / "checkpoints").glob("*.ckpt"):
         stale.unlink()  # a re-run must export its own checkpoint, not the previous run's
     cli_main(["fit", "--config", str(run / "config.yaml")])
-    _cli(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "aligned"), "--overwrite"])
+    ema = ["--ema"] if model.get("ema_decay") is not None else []  # the averaged weights, when kept
+    _cli(
+        ["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "aligned"), "--overwrite", *ema]
+    )
     return run / "aligned"
 
 

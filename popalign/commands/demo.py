@@ -17,7 +17,9 @@ HELP = "end-to-end demo on the synthetic world (CPU, minutes): base vs aligned r
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder")
     parser.add_argument("--config", default=None, help="training config; unset: configs/demo.yaml")
-    parser.add_argument("--train-steps", type=int, default=300, help="PopAlign optimizer steps")
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="optimizer steps (default: the demo's 500)"
+    )
     parser.add_argument("--neutral-images", type=int, default=64, help="generated images per neutral prompt")
     parser.add_argument(
         "--augmented-images", type=int, default=12, help="generated images per augmented prompt"
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         out=args.out,
         config=args.config,
-        train_steps=args.train_steps,
+        train_steps=args.train_steps or DemoSettings.train_steps,
         neutral_images=args.neutral_images,
         augmented_images=args.augmented_images,
         eval_images=args.eval_images,
