@@ -52,7 +52,8 @@ def load_training_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise UserError(
-            f"{path}: is a folder, not a checkpoint file (convert sharded checkpoints to one file first)"
+            f"{path}: is a folder, not a checkpoint file; a sharded FSDP checkpoint becomes one with "
+            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}` (writes {path.name}.consolidated)"
         )
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")

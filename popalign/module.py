@@ -134,6 +134,15 @@ class PopAlignModule(L.LightningModule):
             if compile_mode is not None:
                 speed.compile_repeated_blocks(unet, mode=compile_mode)
 
+    def setup(self, stage: str) -> None:
+        from popalign.distributed import shards_parameters
+
+        if self.ema is not None and shards_parameters(self.trainer):
+            raise UserError(
+                f"ema_decay keeps a whole copy of the weights, which {type(self.trainer.strategy).__name__} "
+                "shards across processes; train with DDP or set ema_decay: null"
+            )
+
     # ------------------------------------------------------------------ the reference stays frozen
     def train(self, mode: bool = True) -> PopAlignModule:
         super().train(mode)
@@ -239,29 +248,42 @@ class PopAlignModule(L.LightningModule):
     ) -> None:
         def guarded_closure():
             loss = optimizer_closure()
-            grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-            if not grads:
+            norm = self._gradient_norm()
+            if norm is None:
                 return loss
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             self.log("train/grad_norm", norm, batch_size=1)
-            if not self.skip_nonfinite:
+            # the norm is the same number on every rank (DDP averaged the gradients, FSDP's norm is a
+            # collective), so every rank takes the same branch below
+            if not self.skip_nonfinite or torch.isfinite(norm).item():  # the one host sync of the step
                 return loss
-            bad = (~torch.isfinite(norm)).to(torch.float32)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # sharded grads (FSDP)
-            if bad.item():  # the one host sync of the step
-                optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
-                self.nonfinite_steps += 1
-                if int(self.nonfinite_steps) > self.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{int(self.nonfinite_steps)} optimizer steps had NaN/inf gradients "
-                        f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
-                    )
-                return None
-            return loss
+            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+            self.nonfinite_steps += 1
+            if int(self.nonfinite_steps) > self.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{int(self.nonfinite_steps)} optimizer steps had NaN/inf gradients "
+                    f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
+                )
+            return None
 
         optimizer.step(closure=guarded_closure)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
+
+    def _gradient_norm(self) -> torch.Tensor | None:
+        """The 2-norm of all trainable gradients, over every rank's slice when FSDP shards them.
+
+        Under FSDP a rank may hold no gradient at all (its shard can be frozen weights), so the norm
+        comes from the root FSDP module's ``clip_grad_norm_`` with an infinite bound: a collective
+        every rank joins, and a multiplication by 1. Elsewhere gradients are whole on every rank.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self._trainer.model if self._trainer is not None else None
+        if isinstance(wrapped, FullyShardedDataParallel):
+            return wrapped.clip_grad_norm_(float("inf"))
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -277,8 +299,11 @@ class PopAlignModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        for key in self._frozen_keys() & set(state):
-            del state[key]
+        # a sharded checkpoint (FSDP's state_dict_type "sharded") is read back key for key by
+        # torch.distributed.checkpoint, which refuses missing keys: there the frozen weights stay
+        if not any(type(v) not in (torch.Tensor, nn.Parameter) for v in state.values()):
+            for key in self._frozen_keys() & set(state):
+                del state[key]
         checkpoint["popalign_frozen_from"] = self.hparams.pretrained_model
         checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
 

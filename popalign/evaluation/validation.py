@@ -101,6 +101,14 @@ class FairnessValidation(Callback):
         self.last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from popalign.distributed import shards_parameters
+
+        if shards_parameters(trainer):
+            raise UserError(
+                f"FairnessValidation samples the policy on each rank alone, which {type(trainer.strategy).__name__} "
+                "over several processes does not allow; train with DDP or drop the callback and run "
+                "`popalign evaluate` on the exported model"
+            )
         if stage == "fit" and self.classifier is None:
             self.classifier = build_classifier(self.classifier_name, self.axes, self.classifier_model)
 

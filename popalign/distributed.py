@@ -1,0 +1,74 @@
+"""Sharded training of the SDXL UNet: an FSDP strategy that knows the UNet's blocks.
+
+Lightning's plain ``strategy: fsdp`` wraps the whole LightningModule as *one* FSDP unit, so every
+forward gathers all 2.6 B policy parameters (and the reference's) at once and sharding saves memory
+only between steps. :class:`BlockFSDPStrategy` makes each repeated block (SDXL's 70 transformer
+blocks and 17 resnets, in the policy and in the frozen reference) and each UNet a unit of its own:
+a block's weights are gathered just before it runs and freed after, so a rank holds ``1/world`` of
+the weights, gradients and optimizer state plus one block at a time.
+
+Choose it in the trainer section of a config::
+
+    trainer:
+      strategy:
+        class_path: popalign.distributed.BlockFSDPStrategy
+        init_args:
+          sharding_strategy: FULL_SHARD     # or SHARD_GRAD_OP, HYBRID_SHARD (multi-node)
+
+Every other argument is Lightning's ``FSDPStrategy`` (``state_dict_type``, ``cpu_offload``, ...).
+Gradient checkpointing stays the module's switch (``model.gradient_checkpointing``), not the strategy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from popalign.models.speed import REPEATED_BLOCKS
+
+#: the UNet class itself: wrapping it keeps the policy's and the reference's leftovers (embeddings,
+#: conv_in/out, norms) in separate units, so no unit mixes float32 and bfloat16 weights
+UNET_CLASSES = ("UNet2DConditionModel",)
+
+
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP with one FSDP unit per repeated UNet block and per UNet.
+
+    Args:
+        wrap_blocks: class names of the modules that become FSDP units (default: SDXL's
+            ``BasicTransformerBlock`` and ``ResnetBlock2D``), in addition to the UNets themselves.
+        **kwargs: passed to :class:`lightning.pytorch.strategies.FSDPStrategy`; an explicit
+            ``auto_wrap_policy`` replaces the block policy.
+    """
+
+    def __init__(self, wrap_blocks: Sequence[str] = REPEATED_BLOCKS, **kwargs: Any) -> None:
+        self.wrap_blocks = tuple(wrap_blocks) + UNET_CLASSES
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = block_wrap_policy(self.wrap_blocks)
+        super().__init__(**kwargs)
+
+
+def block_wrap_policy(class_names: Sequence[str]):
+    """An FSDP auto-wrap policy that makes every module whose class name is in ``class_names`` a unit."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    names = frozenset(class_names)
+
+    def is_unit(module: nn.Module) -> bool:
+        return type(module).__name__ in names
+
+    return CustomPolicy(is_unit)
+
+
+def shards_parameters(trainer: Any) -> bool:
+    """Whether ``trainer`` splits parameters across processes (FSDP or DeepSpeed over > 1 process).
+
+    Features that need every rank to hold whole weights outside the step (the EMA copy, sampling
+    the policy for validation) check this at set-up and refuse with a clear message.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))

@@ -1,0 +1,69 @@
+"""Pieces the multi-process strategy tests load into `train.py fit` (via PYTHONPATH) on CPU processes."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+
+from popalign.distributed import BlockFSDPStrategy
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+class CPUBlockFSDPStrategy(BlockFSDPStrategy):
+    """:class:`BlockFSDPStrategy` on gloo CPU processes.
+
+    Lightning hands FSDP ``device_id=None`` on CPU, which FSDP refuses without an accelerator; this
+    wraps the module itself with ``device_id=cpu`` and the same arguments, then lets Lightning finish.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(
+            model,
+            device_id=torch.device("cpu"),
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            **self.kwargs,
+        )
+        return super()._setup_model(model)
+
+
+class DumpPolicy(L.Callback):
+    """At the end of fit, rank 0 writes the whole policy weights and a few facts about the run."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = trainer.strategy.model
+        sharded = isinstance(model, FullyShardedDataParallel)
+        gather = (
+            FullyShardedDataParallel.summon_full_params(model, writeback=False) if sharded else nullcontext()
+        )
+        with gather:  # a collective: every rank enters
+            if not trainer.is_global_zero:
+                return
+            state = {
+                name.replace(FSDP_PREFIX, ""): p.detach().float().clone()
+                for name, p in pl_module.policy.named_parameters()
+            }
+        save_file(state, str(self.out.with_suffix(".safetensors")))
+        facts = {
+            "global_step": trainer.global_step,
+            "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in model.modules()),
+            "grad_norm": float(trainer.callback_metrics["train/grad_norm"]),
+            "world_size": trainer.world_size,
+            "adam_steps": sorted(
+                {int(s["step"]) for opt in trainer.optimizers for s in opt.state.values() if "step" in s}
+            ),
+        }
+        self.out.with_suffix(".json").write_text(json.dumps(facts))

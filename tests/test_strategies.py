@@ -1,0 +1,182 @@
+"""`train.py fit` under DDP and under BlockFSDPStrategy, two gloo processes on CPU.
+
+Both strategies average the same per-rank gradients and run AdamW on the same numbers, so after the
+same steps from the same seed the policies must agree; FSDP must also report the same gradient norm
+(a collective over the shards) and must not hang when a rank's shard holds only frozen weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from popalign.cli import main
+
+ROOT = Path(__file__).parents[1]
+TIMEOUT_S = 300  # a deadlocked collective shows up as a timeout, not a hang of the suite
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("strategies")
+    assert main(["tiny", "--out", str(root / "tiny"), "--groups", "8"]) == 0
+    return root
+
+
+SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
+
+
+def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
+    """`train.py fit` of configs/tiny.yaml on two CPU processes; ``more``: ``optimizer`` (default
+    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``."""
+    overlay = {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": strategy,
+            "max_steps": steps,
+            "logger": False,
+            "enable_checkpointing": "checkpoints" in more,
+            "enable_progress_bar": False,
+            "default_root_dir": str(root / name),
+            "callbacks": [{"class_path": "cpu_strategies.DumpPolicy", "init_args": {"out": str(root / name)}}]
+            + [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(c)},
+                }
+                for c in [more.get("checkpoints")]
+                if c
+            ],
+        },
+        "model": {
+            "init_args": {
+                "pretrained_model": str(root / "tiny/model"),
+                "reference_dtype": reference_dtype,
+                # plain SGD: the update is the gradient itself, so weights compare like gradients do
+                # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
+                **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
+            }
+        },
+        "data": {"train_shards": str(root / "tiny/shards")},
+    }
+    config = root / f"{name}-config.yaml"  # JSON is YAML
+    config.write_text(json.dumps(overlay))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def _finished(proc, root: Path, name: str) -> tuple[dict, dict]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads((root / f"{name}.json").read_text())
+    return facts, load_file(str(root / f"{name}.safetensors"))
+
+
+FSDP = {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"}
+
+
+def _units(root: Path) -> int:
+    # one unit per transformer block and resnet and per UNet, in policy and reference, plus the root
+    weights = load_file(str(root / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    blocks = sum(k.endswith("conv1.weight") for k in weights) + sum(
+        k.endswith("attn1.to_q.weight") for k in weights
+    )
+    return 2 * (blocks + 1) + 1
+
+
+def test_block_fsdp_trains_like_ddp(tiny_run):
+    # a float32 reference: Lightning's FSDP computes every unit in the trainer precision's dtype, so a
+    # bfloat16 reference would run in float32 there and in bfloat16 under DDP (a real, small difference)
+    ddp_facts, ddp = _finished(_fit(tiny_run, "ddp", "ddp", "float32"), tiny_run, "ddp")
+    fsdp_facts, fsdp = _finished(_fit(tiny_run, "fsdp", FSDP, "float32"), tiny_run, "fsdp")
+
+    assert ddp_facts["global_step"] == fsdp_facts["global_step"] == 3
+    assert ddp_facts["world_size"] == fsdp_facts["world_size"] == 2
+    assert ddp_facts["fsdp_units"] == 0 and fsdp_facts["fsdp_units"] == _units(tiny_run)
+
+    initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    assert ddp.keys() == fsdp.keys() == initial.keys()
+    moved = max((ddp[k] - initial[k].float()).abs().max().item() for k in ddp)
+    assert moved > 1e-3, "training hardly moved the weights; the comparison below would say little"
+    worst = max((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
+    assert worst < 1e-4 * moved, f"FSDP and DDP policies differ by {worst:.2e} (moved {moved:.2e})"
+    assert fsdp_facts["grad_norm"] == pytest.approx(ddp_facts["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_block_fsdp_with_bfloat16_reference_trains(tiny_run):
+    # the SDXL configs' default: float32 policy units and bfloat16 reference units side by side
+    facts, policy = _finished(_fit(tiny_run, "fsdp_bf16", FSDP, "bfloat16"), tiny_run, "fsdp_bf16")
+    assert facts["global_step"] == 3 and facts["fsdp_units"] == _units(tiny_run)
+    assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
+    initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    assert max((policy[k] - initial[k].float()).abs().max().item() for k in policy) > 1e-3
+
+
+@pytest.mark.slow
+def test_block_fsdp_sharded_checkpoint_resumes(tiny_run):
+    # FSDP's "full" state dict cannot be gathered on CPU processes (it crashes inside torch), the
+    # sharded one can: a run stops after 2 steps and a second one resumes it to 4, optimizer included
+    strategy = {**FSDP, "init_args": {"state_dict_type": "sharded"}}
+    ckpts = tiny_run / "sharded_ckpts"
+    first, _ = _finished(
+        _fit(tiny_run, "first", strategy, "bfloat16", 2, optimizer=None, checkpoints=ckpts), tiny_run, "first"
+    )
+    (saved,) = ckpts.iterdir()
+    assert saved.is_dir() and first["adam_steps"] == [2]
+    proc = _fit(
+        tiny_run, "resumed", strategy, "bfloat16", 4, optimizer=None, checkpoints=ckpts, ckpt_path=saved
+    )
+    resumed, _ = _finished(proc, tiny_run, "resumed")
+    assert resumed["global_step"] == 4 and resumed["adam_steps"] == [4]
+
+
+def _sharded_trainer(world_size: int):
+    from popalign.distributed import BlockFSDPStrategy
+
+    return SimpleNamespace(world_size=world_size, strategy=BlockFSDPStrategy())
+
+
+def test_ema_is_refused_when_parameters_are_sharded(tiny_model):
+    from popalign.errors import UserError
+    from popalign.module import PopAlignModule
+
+    module = PopAlignModule(pretrained_model=tiny_model, ema_decay=0.9, reference_dtype="float32")
+    module._trainer = _sharded_trainer(1)
+    module.setup("fit")  # one process holds whole weights: allowed
+    module._trainer = _sharded_trainer(2)
+    with pytest.raises(UserError, match="ema_decay.*BlockFSDPStrategy.*DDP"):
+        module.setup("fit")
+
+
+def test_fairness_validation_is_refused_when_parameters_are_sharded():
+    from popalign.errors import UserError
+    from popalign.evaluation.validation import FairnessValidation
+
+    callback = FairnessValidation(prompts=["a photo of a doctor"], axes=["gender"], classifier="oracle")
+    with pytest.raises(UserError, match="FairnessValidation.*BlockFSDPStrategy.*DDP"):
+        callback.setup(_sharded_trainer(2), None, "fit")
+
+
+def test_block_policy_wraps_the_named_classes_and_the_unets():
+    from popalign.distributed import BlockFSDPStrategy
+
+    strategy = BlockFSDPStrategy(wrap_blocks=("ResnetBlock2D",), sharding_strategy="SHARD_GRAD_OP")
+    assert strategy.wrap_blocks == ("ResnetBlock2D", "UNet2DConditionModel")
+    is_unit = strategy.kwargs["auto_wrap_policy"]._lambda_fn
+
+    class ResnetBlock2D(torch.nn.Module):  # matched by class name, as diffusers' own would be
+        pass
+
+    assert is_unit(ResnetBlock2D()) and not is_unit(torch.nn.Linear(2, 2))
