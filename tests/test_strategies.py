@@ -37,11 +37,13 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 
 def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml on two CPU processes; ``more``: ``optimizer`` (default
-    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``."""
+    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
+    ``accelerator``, ``devices``, ``precision`` for the trainer."""
     overlay = {
         "trainer": {
-            "accelerator": "cpu",
-            "devices": 2,
+            "accelerator": more.get("accelerator", "cpu"),
+            "devices": more.get("devices", 2),
+            "precision": more.get("precision", "32-true"),
             "strategy": strategy,
             "max_steps": steps,
             "logger": False,
@@ -71,7 +73,8 @@ def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, step
     }
     config = root / f"{name}-config.yaml"  # JSON is YAML
     config.write_text(json.dumps(overlay))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
     cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every GPU check of the training-speed work in one call, sized for a short lease (~8 minutes):
+#   1. the machine: nvidia-smi and package versions                         -> env.txt
+#   2. the GPU tests (tests/test_gpu.py): no host syncs in the step, compiled
+#      blocks and channels-last keep the numbers, `train.py fit` starts under
+#      DDP, FSDP and BlockFSDPStrategy on one GPU                            -> tests.log
+#   3. the step benchmark on the full SDXL UNet (random weights)             -> results.json, bench.log
+# Results go to $OUT (default runs/device_check). Each stage has its own time limit, and the
+# benchmark writes its JSON after every configuration, so a stage that runs long still leaves
+# what it measured.
+#
+# Packages the machine lacks travel as wheels in .whl/ (benchmarks/device_requirements.txt says how
+# to fetch them); they are installed into /tmp/site first when present.
+#
+#   bash benchmarks/device_check.sh                       # on the GPU machine
+#   CHECK_TINY=1 bash benchmarks/device_check.sh          # the same stages on a CPU: tests skip, tiny benchmark
+set -uo pipefail
+OUT=${OUT:-runs/device_check}
+TEST_LIMIT_S=${TEST_LIMIT_S:-200}
+BENCH_LIMIT_S=${BENCH_LIMIT_S:-270}
+BENCH_CONFIGS=${BENCH_CONFIGS:-"b2+original b4 b8+ckpt=save_attention b8+lora16 b4+compile"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+
+stage "1/3 the machine"
+{
+    date -u
+    nvidia-smi || echo "no nvidia-smi"
+    python3 -c "import sys, torch, lightning, diffusers, transformers, peft; \
+print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); \
+print('lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+stage "2/3 GPU tests (limit ${TEST_LIMIT_S} s)"
+timeout -k 10 "$TEST_LIMIT_S" python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+stage "3/3 step benchmark (limit ${BENCH_LIMIT_S} s): $BENCH_CONFIGS"
+bench=(python3 benchmarks/step_throughput.py --out "$OUT/results.json" --steps 5 --warmup 2)
+if [[ -n "${CHECK_TINY:-}" ]]; then
+    bench+=(--tiny --threads 1 --configs b2+original b4)
+else
+    # shellcheck disable=SC2206  # the configurations are words on purpose
+    mkdir -p /tmp/popalign_bench
+    bench+=(--workdir /tmp/popalign_bench --configs $BENCH_CONFIGS)
+fi
+timeout -k 10 "$BENCH_LIMIT_S" "${bench[@]}" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+stage "done: tests exit $tests_rc, benchmark exit $bench_rc (124: stopped at its limit); files in $OUT"
+ls -la "$OUT"
+[[ $tests_rc == 0 && $bench_rc == 0 ]]
