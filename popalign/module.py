@@ -268,6 +268,26 @@ class PopAlignModule(L.LightningModule):
         optimizer.step(closure=guarded_closure)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``trainer.gradient_clip_val`` by norm also under FSDP, where Lightning refuses it: the root
+        FSDP module clips by the norm over all shards."""
+        wrapped = self._fsdp_root()
+        if wrapped is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _fsdp_root(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self._trainer.model if self._trainer is not None else None
+        return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
+
     def _gradient_norm(self) -> torch.Tensor | None:
         """The 2-norm of all trainable gradients, over every rank's slice when FSDP shards them.
 
@@ -275,10 +295,8 @@ class PopAlignModule(L.LightningModule):
         comes from the root FSDP module's ``clip_grad_norm_`` with an infinite bound: a collective
         every rank joins, and a multiplication by 1. Elsewhere gradients are whole on every rank.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapped = self._trainer.model if self._trainer is not None else None
-        if isinstance(wrapped, FullyShardedDataParallel):
+        wrapped = self._fsdp_root()
+        if wrapped is not None:
             return wrapped.clip_grad_norm_(float("inf"))
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if not grads:

@@ -38,7 +38,7 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml on two CPU processes; ``more``: ``optimizer`` (default
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision`` for the trainer."""
+    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer."""
     overlay = {
         "trainer": {
             "accelerator": more.get("accelerator", "cpu"),
@@ -46,6 +46,7 @@ def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, step
             "precision": more.get("precision", "32-true"),
             "strategy": strategy,
             "max_steps": steps,
+            "gradient_clip_val": more.get("clip"),
             "logger": False,
             "enable_checkpointing": "checkpoints" in more,
             "enable_progress_bar": False,
@@ -101,8 +102,14 @@ def _units(root: Path) -> int:
 def test_block_fsdp_trains_like_ddp(tiny_run):
     # a float32 reference: Lightning's FSDP computes every unit in the trainer precision's dtype, so a
     # bfloat16 reference would run in float32 there and in bfloat16 under DDP (a real, small difference)
-    ddp_facts, ddp = _finished(_fit(tiny_run, "ddp", "ddp", "float32"), tiny_run, "ddp")
-    fsdp_facts, fsdp = _finished(_fit(tiny_run, "fsdp", FSDP, "float32"), tiny_run, "fsdp")
+    # and gradient clipping (norm ~700 clipped to 1), which Lightning refuses under FSDP: the module
+    # clips by the norm over all shards, so both runs take the same clipped SGD steps
+    sgd = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
+    ddp_facts, ddp = _finished(
+        _fit(tiny_run, "ddp", "ddp", "float32", clip=1.0, optimizer=sgd), tiny_run, "ddp"
+    )
+    fsdp_proc = _fit(tiny_run, "fsdp", FSDP, "float32", clip=1.0, optimizer=sgd)
+    fsdp_facts, fsdp = _finished(fsdp_proc, tiny_run, "fsdp")
 
     assert ddp_facts["global_step"] == fsdp_facts["global_step"] == 3
     assert ddp_facts["world_size"] == fsdp_facts["world_size"] == 2
