@@ -38,7 +38,8 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml on two CPU processes; ``more``: ``optimizer`` (default
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer."""
+    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer,
+    ``lora_rank`` for the module."""
     overlay = {
         "trainer": {
             "accelerator": more.get("accelerator", "cpu"),
@@ -68,6 +69,7 @@ def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, step
                 # plain SGD: the update is the gradient itself, so weights compare like gradients do
                 # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
                 **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
+                **({"lora_rank": more["lora_rank"]} if "lora_rank" in more else {}),
             }
         },
         "data": {"train_shards": str(root / "tiny/shards")},
@@ -132,6 +134,23 @@ def test_block_fsdp_with_bfloat16_reference_trains(tiny_run):
     assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
     initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
     assert max((policy[k] - initial[k].float()).abs().max().item() for k in policy) > 1e-3
+
+
+@pytest.mark.slow
+def test_block_fsdp_trains_lora_like_ddp(tiny_run):
+    # units mixing frozen base weights and trainable adapters; the reference is the adapters switched off
+    ddp_facts, ddp = _finished(
+        _fit(tiny_run, "lora_ddp", "ddp", "float32", lora_rank=4), tiny_run, "lora_ddp"
+    )
+    fsdp_proc = _fit(tiny_run, "lora_fsdp", FSDP, "float32", lora_rank=4)
+    fsdp_facts, fsdp = _finished(fsdp_proc, tiny_run, "lora_fsdp")
+    adapters = [k for k in ddp if "lora_B" in k]  # zero at the start, so any value is training
+    assert adapters and ddp.keys() == fsdp.keys()
+    moved = max(ddp[k].abs().max().item() for k in adapters)
+    assert moved > 1e-4
+    worst = max((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
+    assert worst < 1e-4 * moved, f"FSDP and DDP LoRA weights differ by {worst:.2e} (moved {moved:.2e})"
+    assert fsdp_facts["grad_norm"] == pytest.approx(ddp_facts["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow
