@@ -310,7 +310,10 @@ class PopAlignModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints hold trainable state only
     def _frozen_keys(self) -> set[str]:
         keys = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return keys | {k for k in self.state_dict() if k.startswith("reference.")}
+        if self.reference is not None:
+            keys |= {f"reference.{n}" for n, _ in self.reference.named_buffers()}
+        # FSDP units show up in parameter names, never in checkpoint keys
+        return {k.replace("_fsdp_wrapped_module.", "") for k in keys}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # frozen weights (the reference copy, LoRA's base) are reloaded from `pretrained_model`

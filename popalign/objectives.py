@@ -160,6 +160,20 @@ class _GroupedObjective(Objective):
         self.beta = float(beta)
         self.check_groups = check_groups
 
+    def _output(
+        self, margin: Tensor, counted: Tensor, count_name: str, g: Tensor, policy_err: Tensor,
+        ref_err: Tensor | None, preferred: Tensor,
+    ) -> ObjectiveOutput:  # fmt: skip
+        """``loss = sum_{counted} -log sigmoid(beta * margin) / |counted|`` plus the shared metrics;
+        ``margin`` holds one entry per row, used where ``counted`` (a group's slot, a pair's winner)."""
+        count = counted.float().sum()
+        loss = (counted * -F.logsigmoid(self.beta * margin)).sum() / count.clamp(min=1.0)
+        metrics = _base_metrics(g, policy_err, ref_err, preferred)
+        metrics["reward_margin"] = _masked_mean(margin.detach(), counted)
+        metrics["reward_accuracy"] = _masked_mean((margin.detach() > 0).float(), counted)
+        metrics[count_name] = count
+        return ObjectiveOutput(loss=loss, metrics=metrics)
+
 
 class PopulationBTLoss(_GroupedObjective):
     """Exact population-level Bradley-Terry loss inside each group (Li, Singh, Grover 2024).
@@ -199,13 +213,7 @@ class PopulationBTLoss(_GroupedObjective):
             )
         # clamp keeps empty slots finite so their zero weight cannot turn into NaN gradients
         margin = sum_w / count_w.clamp(min=1.0) - sum_l / count_l.clamp(min=1.0)
-        num_groups = valid.float().sum()
-        loss = (valid * -F.logsigmoid(self.beta * margin)).sum() / num_groups.clamp(min=1.0)
-        metrics = _base_metrics(g, policy_err, ref_err, preferred)
-        metrics["reward_margin"] = _masked_mean(margin.detach(), valid)
-        metrics["reward_accuracy"] = _masked_mean((margin.detach() > 0).float(), valid)
-        metrics["num_groups"] = num_groups
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        return self._output(margin, valid, "num_groups", g, policy_err, ref_err, preferred)
 
 
 class DiffusionDPOLoss(_GroupedObjective):
@@ -244,15 +252,7 @@ class DiffusionDPOLoss(_GroupedObjective):
             raise ValueError(f"DiffusionDPOLoss: unequal preferred/dispreferred counts per group {counts}")
         # elementwise select rather than a matmul: TF32 matmuls would round g
         g_l = (match * g[None, :]).sum(dim=1)
-        paired = match.any(dim=1)
-        margin = g - g_l
-        num_pairs = paired.float().sum()
-        loss = (paired * -F.logsigmoid(self.beta * margin)).sum() / num_pairs.clamp(min=1.0)
-        metrics = _base_metrics(g, policy_err, ref_err, preferred)
-        metrics["reward_margin"] = _masked_mean(margin.detach(), paired)
-        metrics["reward_accuracy"] = _masked_mean((margin.detach() > 0).float(), paired)
-        metrics["num_pairs"] = num_pairs
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        return self._output(g - g_l, match.any(dim=1), "num_pairs", g, policy_err, ref_err, preferred)
 
 
 class SFTLoss(Objective):

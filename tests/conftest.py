@@ -91,7 +91,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Used by the data-stage test modules (``pytestmark``): tiny models, threads only add contention."""
+    """For test modules of tiny models (``pytestmark``): a second thread only adds contention."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

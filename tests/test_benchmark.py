@@ -31,13 +31,8 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops: a second OpenMP thread only adds spin-waiting, badly so on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny ops: a second OpenMP thread only adds spin-waiting, badly so on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys):

@@ -70,21 +70,13 @@ def test_generate_writes_prompt_whole_shards_with_latents_and_metadata(generated
 
 def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path, pipe, monkeypatch, capsys):
     out = tmp_path / "images"
-    code, stdout, _ = run_cli(
-        [
-            "generate",
-            "--model",
-            tiny_model,
-            "--prompts",
-            table,
-            "--out",
-            out,
-            "--kinds",
-            "neutral",
-            *GEN_FLAGS,
-        ],
-        capsys,
-    )
+
+    def generate_cli(*extra):
+        return run_cli(
+            ["generate", "--model", tiny_model, "--prompts", table, "--out", out, *GEN_FLAGS, *extra], capsys
+        )
+
+    code, stdout, _ = generate_cli("--kinds", "neutral")
     assert code == 0 and "0 already done, 8 images" in stdout
     first = (out / "images-r0-000000.tar").read_bytes()
     # a run that dies in its third prompt keeps the shard of the first two, drops the unfinished one
@@ -116,27 +108,10 @@ def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path
     keys = [s.key for s in iter_image_samples(out)]
     assert len(keys) == len(set(keys)) == 6 * N_IMAGES
     # another count per prompt is fine (images do not depend on it); finished prompts stay skipped
-    code, stdout, _ = run_cli(
-        [
-            "generate",
-            "--model",
-            tiny_model,
-            "--prompts",
-            table,
-            "--out",
-            out,
-            *GEN_FLAGS,
-            "--images-per-prompt",
-            6,
-        ],
-        capsys,
-    )
+    code, stdout, _ = generate_cli("--images-per-prompt", 6)
     assert code == 0 and "6 already done, 0 images" in stdout
     # resuming with other settings would mix two samplers in one folder
-    code, _, err = run_cli(
-        ["generate", "--model", tiny_model, "--prompts", table, "--out", out, *GEN_FLAGS, "--steps", "3"],
-        capsys,
-    )
+    code, _, err = generate_cli("--steps", "3")
     assert code == 2 and "generate.json" in err and "steps=2" in err and len(err.strip().splitlines()) == 1
 
 

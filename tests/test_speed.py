@@ -12,14 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from popalign.models import speed
 from popalign.models.loading import load_unet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops: a second OpenMP thread only adds spin-waiting, badly so on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny ops: a second OpenMP thread only adds spin-waiting, badly so on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

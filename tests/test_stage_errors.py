@@ -116,36 +116,12 @@ def test_bad_image_shards(inputs, tiny_model, oracle, tmp_path, capsys):
     fails(build_args(inputs, tiny_model, out), capsys, str(shard), "truncated")
     shard.write_bytes(b"not a tar file at all" * 100)
     fails(build_args(inputs, tiny_model, out), capsys, str(shard))
-    fails(
-        [
-            "label",
-            "--images",
-            tmp_path / "nowhere",
-            "--axes",
-            "gender",
-            "--classifier",
-            "world",
-            "--out",
-            labels_out,
-        ],
-        capsys,
-        "nowhere",
-    )
-    fails(
-        [
-            "label",
-            "--images",
-            inputs["images"],
-            "--axes",
-            "gender",
-            "--classifier",
-            "world",
-            "--out",
-            labels_out,
-        ],
-        capsys,
-        "not a world axis",
-    )
+
+    def label_args(images):
+        return ["label", "--images", images, "--axes", "gender", "--classifier", "world", "--out", labels_out]
+
+    fails(label_args(tmp_path / "nowhere"), capsys, "nowhere")
+    fails(label_args(inputs["images"]), capsys, "not a world axis")
     assert nothing_built(out)
 
 
