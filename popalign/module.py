@@ -53,8 +53,9 @@ class PopAlignModule(L.LightningModule):
         channels_last: store conv weights channels-last (faster convolutions on recent GPUs).
         prediction_type: ``epsilon`` or ``v_prediction``; default: the scheduler config's.
         ema_decay: keep an exponential moving average of the trainable weights with this decay.
-        skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf (costs one host sync per
-            optimizer step); counted in ``train/nonfinite_steps``.
+        skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf; counted in
+            ``train/nonfinite_steps``. Fused optimizers skip on the device; others cost one host sync
+            per optimizer step.
         max_nonfinite_steps: abort the run when more steps than this were skipped.
         preservation_weight: weight ``w`` of the identity-prompt preservation term. Each preferred
             member is denoised a second time under its own identity-specific caption ``c_s`` (same ε
@@ -246,27 +247,50 @@ class PopAlignModule(L.LightningModule):
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
+        """The optimizer step, skipped when the gradients hold NaN/inf (``skip_nonfinite``).
+
+        Fused optimizers (``AdamW(fused=True)``, the SDXL configs' choice) skip on the device: they
+        read a ``found_inf`` flag as they do under a GradScaler, so the step needs no host sync and
+        the count is checked against ``max_nonfinite_steps`` at logging steps. Other optimizers
+        read the flag on the host (one sync) and skip at once.
+        """
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
+
         def guarded_closure():
             loss = optimizer_closure()
             norm = self._gradient_norm()
             if norm is None:
                 return loss
             self.log("train/grad_norm", norm, batch_size=1)
+            if not self.skip_nonfinite:
+                return loss
             # the norm is the same number on every rank (DDP averaged the gradients, FSDP's norm is a
-            # collective), so every rank takes the same branch below
-            if not self.skip_nonfinite or torch.isfinite(norm).item():  # the one host sync of the step
+            # collective), so every rank skips the same steps
+            bad = ~torch.isfinite(norm)
+            if on_device:
+                torch_optimizer.found_inf = bad.float()  # the fused kernels skip the update when 1
+                self.nonfinite_steps += bad
+                return loss
+            if not bad.item():  # the one host sync of the step
                 return loss
             optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
             self.nonfinite_steps += 1
-            if int(self.nonfinite_steps) > self.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{int(self.nonfinite_steps)} optimizer steps had NaN/inf gradients "
-                    f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
-                )
+            self._check_nonfinite_limit()
             return None
 
         optimizer.step(closure=guarded_closure)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
+        if on_device and (self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0):
+            self._check_nonfinite_limit()  # a logging step reads the metrics back anyway
+
+    def _check_nonfinite_limit(self) -> None:
+        skipped = int(self.nonfinite_steps)
+        if skipped > self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{skipped} optimizer steps had NaN/inf gradients "
+                f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
+            )
 
     def configure_gradient_clipping(
         self,

@@ -132,6 +132,7 @@ def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset()):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
         default_root_dir=tmp_path,
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
     )
@@ -164,15 +165,26 @@ def test_checkpoint_holds_trainable_state_and_resume_keeps_original_reference(
     assert max(int(s["step"]) for s in state.values()) == 5
 
 
-def test_nonfinite_step_is_skipped_and_counted(tiny_model, batch_factory, tmp_path):
-    m = _module(tiny_model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_nonfinite_step_is_skipped_and_counted(tiny_model, batch_factory, tmp_path, fused):
+    # fused AdamW skips through its found_inf flag on the device; plain AdamW after a host check
+    m = _module(tiny_model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, fused=fused))
     before = copy.deepcopy(m.policy)
-    _fit(m, batch_factory, tmp_path, steps=1, nan_at={0})
+    trainer = _fit(m, batch_factory, tmp_path, steps=1, nan_at={0})
     assert int(m.nonfinite_steps) == 1
     assert _same_weights(m.policy, before)  # NaN never reached the weights
     assert all(torch.isfinite(p).all() for p in m.policy.parameters())
+    # the skipped step did not count as an Adam step (no state at all when gradients were dropped)
+    assert all(int(s["step"]) == 0 for s in trainer.optimizers[0].state.values())
+    # which path skipped: only the fused optimizer was handed the flag
+    assert float(getattr(trainer.optimizers[0], "found_inf", -1)) == (1.0 if fused else -1)
 
-    m2 = _module(tiny_model, max_nonfinite_steps=1)
+    # a finite step after a skipped one does train
+    trainer = _fit(m, batch_factory, tmp_path / "next", steps=2, nan_at={0})
+    assert int(m.nonfinite_steps) == 2 and not _same_weights(m.policy, before)
+    assert float(getattr(trainer.optimizers[0], "found_inf", -1)) == (0.0 if fused else -1)
+
+    m2 = _module(tiny_model, max_nonfinite_steps=1, optimizer=lambda p: torch.optim.AdamW(p, fused=fused))
     with pytest.raises(RuntimeError, match="NaN/inf"):
         _fit(m2, batch_factory, tmp_path / "abort", steps=4, nan_at={0, 1, 2})
 
