@@ -7,7 +7,8 @@ blocks and 17 resnets, in the policy and in the frozen reference) and each UNet 
 a block's weights are gathered just before it runs and freed after, so a rank holds ``1/world`` of
 the weights, gradients and optimizer state plus one block at a time.
 
-Choose it in the trainer section of a config::
+Choose it by name, ``--trainer.strategy fsdp_blocks`` (registered when the training CLI starts), or
+in the trainer section of a config::
 
     trainer:
       strategy:
@@ -49,6 +50,19 @@ class BlockFSDPStrategy(FSDPStrategy):
         if kwargs.get("auto_wrap_policy") is None:
             kwargs["auto_wrap_policy"] = block_wrap_policy(self.wrap_blocks)
         super().__init__(**kwargs)
+
+
+STRATEGY_NAME = "fsdp_blocks"
+
+
+def register_strategy() -> None:
+    """Make ``strategy: fsdp_blocks`` mean :class:`BlockFSDPStrategy` (default arguments)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if STRATEGY_NAME not in StrategyRegistry:
+        StrategyRegistry.register(
+            STRATEGY_NAME, BlockFSDPStrategy, description="FSDP with one unit per UNet block (popalign)"
+        )
 
 
 def block_wrap_policy(class_names: Sequence[str]):

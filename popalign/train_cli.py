@@ -13,6 +13,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from popalign.data.datamodule import PopulationDataModule
+from popalign.distributed import register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
 
@@ -55,6 +56,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
 
 
 def _build(args: list[str] | None, run: bool) -> PopAlignCLI:
+    register_strategy()  # --trainer.strategy fsdp_blocks
     return PopAlignCLI(
         PopAlignModule,
         PopulationDataModule,

@@ -209,3 +209,17 @@ def test_block_policy_wraps_the_named_classes_and_the_unets():
         pass
 
     assert is_unit(ResnetBlock2D()) and not is_unit(torch.nn.Linear(2, 2))
+
+
+def test_strategy_name_selects_block_fsdp(tiny_model):
+    from popalign.distributed import BlockFSDPStrategy
+    from popalign.train_cli import cli_main
+
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), f"--model.init_args.pretrained_model={tiny_model}"]
+    cli = cli_main([*args, "--trainer.strategy=fsdp_blocks", "--trainer.logger=false"], run=False)
+    assert type(cli.trainer.strategy) is BlockFSDPStrategy
+    assert cli.trainer.strategy.wrap_blocks == (
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "UNet2DConditionModel",
+    )
