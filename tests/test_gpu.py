@@ -73,9 +73,7 @@ def test_channels_last_and_selective_checkpointing_keep_loss(tiny_model):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "block_fsdp"])
 def test_train_py_starts_on_one_gpu(tiny_run, strategy):  # noqa: F811
-    chosen = (
-        {"class_path": "popalign.distributed.BlockFSDPStrategy"} if strategy == "block_fsdp" else strategy
-    )
+    chosen = "fsdp_blocks" if strategy == "block_fsdp" else strategy  # the registered name
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed"}
     proc = _fit(tiny_run, f"gpu_{strategy}", chosen, "bfloat16", 3, **trainer)
