@@ -4,8 +4,9 @@ Lightning's plain ``strategy: fsdp`` wraps the whole LightningModule as *one* FS
 forward gathers all 2.6 B policy parameters (and the reference's) at once and sharding saves memory
 only between steps. :class:`BlockFSDPStrategy` makes each repeated block (SDXL's 70 transformer
 blocks and 17 resnets, in the policy and in the frozen reference) and each UNet a unit of its own:
-a block's weights are gathered just before it runs and freed after, so a rank holds ``1/world`` of
-the weights, gradients and optimizer state plus one block at a time.
+a block's weights are gathered just before it runs (the next one prefetched) and freed after, so a
+rank keeps ``1/world`` of the weights, gradients and optimizer state between uses. (That is the
+design; the memory it saves on SDXL has not been measured here, see benchmarks/device_check.sh.)
 
 Choose it by name, ``--trainer.strategy fsdp_blocks`` (registered when the training CLI starts), or
 in the trainer section of a config::
