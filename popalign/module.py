@@ -255,34 +255,47 @@ class PopAlignModule(L.LightningModule):
         read the flag on the host (one sync) and skip at once.
         """
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
-        on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
 
         def guarded_closure():
             loss = optimizer_closure()
-            norm = self._gradient_norm()
-            if norm is None:
-                return loss
-            self.log("train/grad_norm", norm, batch_size=1)
-            if not self.skip_nonfinite:
-                return loss
-            # the norm is the same number on every rank (DDP averaged the gradients, FSDP's norm is a
-            # collective), so every rank skips the same steps
-            bad = ~torch.isfinite(norm)
-            if on_device:
-                torch_optimizer.found_inf = bad.float()  # the fused kernels skip the update when 1
-                self.nonfinite_steps += bad
-                return loss
-            if not bad.item():  # the one host sync of the step
+            norm, proceed = self.guard_gradients(torch_optimizer)
+            if norm is not None:
+                self.log("train/grad_norm", norm, batch_size=1)
+            if proceed:
                 return loss
             optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
-            self.nonfinite_steps += 1
-            self._check_nonfinite_limit()
             return None
 
         optimizer.step(closure=guarded_closure)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
-        if on_device and (self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0):
+        if (
+            _skips_on_device(torch_optimizer)
+            and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+        ):
             self._check_nonfinite_limit()  # a logging step reads the metrics back anyway
+
+    def guard_gradients(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, bool]:
+        """After backward: the gradient norm, and whether ``optimizer.step()`` may use the gradients.
+
+        With ``skip_nonfinite`` a NaN/inf norm skips the step: a fused ``optimizer`` gets the flag as
+        its ``found_inf`` (it skips on the device, no host sync, always ``True`` here); any other
+        costs one host sync and returns ``False`` (the caller drops the gradients). The norm is the
+        same number on every rank (DDP averaged the gradients, FSDP's norm is a collective), so
+        every rank skips the same steps.
+        """
+        norm = self._gradient_norm()
+        if norm is None or not self.skip_nonfinite:
+            return norm, True
+        bad = ~torch.isfinite(norm)
+        if _skips_on_device(optimizer):
+            optimizer.found_inf = bad.float()  # the fused kernels skip the update when 1
+            self.nonfinite_steps += bad
+            return norm, True
+        if not bad.item():  # the one host sync of the step
+            return norm, True
+        self.nonfinite_steps += 1
+        self._check_nonfinite_limit()
+        return norm, False
 
     def _check_nonfinite_limit(self) -> None:
         skipped = int(self.nonfinite_steps)
@@ -359,6 +372,11 @@ class PopAlignModule(L.LightningModule):
         current = self.state_dict()
         for key in self._frozen_keys() - set(state):
             state[key] = current[key]  # the freshly loaded pretrained weights, never the policy's
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    # fused Adam/AdamW/SGD read `found_inf` (GradScaler's flag) inside their kernels
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def _with_source_captions(

@@ -70,7 +70,8 @@ def make_batch(n: int, shapes: Shapes, device: torch.device, images: bool, seed:
 
 
 def make_step(module, optimizer, batch: dict, vae, precision: str) -> Callable[[], None]:
-    """One training step, as Lightning runs it: forward under autocast, backward, optimizer step.
+    """One training step, as Lightning runs it: forward under autocast, backward, the module's
+    gradient guard (:meth:`~popalign.module.PopAlignModule.guard_gradients`), optimizer step.
 
     Args:
         module: a ``PopAlignModule`` in train mode.
@@ -92,7 +93,9 @@ def make_step(module, optimizer, batch: dict, vae, precision: str) -> Callable[[
             noise, t = module.noise_and_timesteps(b["latents"])
             loss = module.compute_objective(b, noise, t).loss
         loss.backward()
-        optimizer.step()
+        _, proceed = module.guard_gradients(optimizer)  # the gradient norm and the non-finite skip
+        if proceed:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
