@@ -42,11 +42,20 @@ def _cuda_inputs(module: PopAlignModule):
 
 
 def test_training_step_makes_no_host_syncs(tiny_model):
+    # forward, backward, the gradient guard and a fused AdamW step, as a training step runs them
     module = _module(tiny_model)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, fused=True)
     batch, noise, t = _cuda_inputs(module)
-    _step(module, batch, noise, t)  # first call: lazy initialisation may sync
-    module.zero_grad(set_to_none=True)
-    assert count_host_syncs(lambda: _step(module, batch, noise, t)) == 0
+
+    def step():
+        _step(module, batch, noise, t)
+        _, proceed = module.guard_gradients(optimizer)
+        assert proceed  # a fused optimizer skips on the device, never on the host
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # first call: lazy initialisation (optimizer state, kernels) may sync
+    assert count_host_syncs(step) == 0
 
 
 def test_compiled_blocks_keep_loss_and_gradients(tiny_model):
