@@ -15,7 +15,7 @@ in the trainer section of a config::
       strategy:
         class_path: popalign.distributed.BlockFSDPStrategy
         init_args:
-          sharding_strategy: FULL_SHARD     # or SHARD_GRAD_OP, HYBRID_SHARD (multi-node)
+          sharding_strategy: FULL_SHARD     # or SHARD_GRAD_OP (see docs/scaling.md)
 
 Every other argument is Lightning's ``FSDPStrategy`` (``state_dict_type``, ``cpu_offload``, ...).
 Gradient checkpointing stays the module's switch (``model.gradient_checkpointing``), not the strategy's.
