@@ -252,8 +252,14 @@ class PopAlignModule(L.LightningModule):
         Fused optimizers (``AdamW(fused=True)``, the SDXL configs' choice) skip on the device: they
         read a ``found_inf`` flag as they do under a GradScaler, so the step needs no host sync and
         the count is checked against ``max_nonfinite_steps`` at logging steps. Other optimizers
-        read the flag on the host (one sync) and skip at once.
+        read the flag on the host (one sync) and skip at once. Under ``precision: 16-mixed`` the
+        GradScaler does this job and the guard stands aside (no ``train/grad_norm`` either).
         """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: the GradScaler finds overflowing steps, skips them and lowers its
+            # scale; a second guard would count its routine overflows and keep it from adapting
+            optimizer.step(closure=optimizer_closure)
+            return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
 
         def guarded_closure():

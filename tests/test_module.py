@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from popalign.models.loading import load_unet
@@ -125,9 +126,10 @@ class _Batches(torch.utils.data.Dataset):
         return b
 
 
-def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset()):
+def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset(), plugins=None):
     trainer = L.Trainer(
         accelerator="cpu",
+        plugins=plugins,
         max_steps=steps,
         logger=False,
         enable_progress_bar=False,
@@ -187,6 +189,21 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_model, batch_factory, tmp_pa
     m2 = _module(tiny_model, max_nonfinite_steps=1, optimizer=lambda p: torch.optim.AdamW(p, fused=fused))
     with pytest.raises(RuntimeError, match="NaN/inf"):
         _fit(m2, batch_factory, tmp_path / "abort", steps=4, nan_at={0, 1, 2})
+
+
+def test_fp16_loss_scaling_skips_overflows_itself(tiny_model, batch_factory, tmp_path):
+    # with a GradScaler the guard stands aside: overflowing steps are the scaler's routine, they must
+    # lower its scale (not be dropped before it sees them) and must not count towards the abort limit
+    m = _module(tiny_model, max_nonfinite_steps=1, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    before = copy.deepcopy(m.policy)
+    # Lightning turns the string "16-mixed" into bf16 on a CPU; the plugin itself keeps fp16 + scaler
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = _fit(m, batch_factory, tmp_path, steps=3, nan_at={0, 1}, plugins=[fp16])
+    scaler = trainer.precision_plugin.scaler
+    assert scaler.get_scale() == 65536.0 / 4  # halved once per overflowing step
+    assert int(m.nonfinite_steps) == 0
+    assert not _same_weights(m.policy, before)  # the third, finite step trained
+    assert all(torch.isfinite(p).all() for p in m.policy.parameters())
 
 
 def test_ema_tracks_policy(tiny_model, batch_factory, tmp_path):
