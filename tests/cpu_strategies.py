@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import save_file
 
 from popalign.distributed import BlockFSDPStrategy
@@ -15,12 +16,10 @@ from popalign.distributed import BlockFSDPStrategy
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
-class CPUBlockFSDPStrategy(BlockFSDPStrategy):
-    """:class:`BlockFSDPStrategy` on gloo CPU processes.
-
-    Lightning hands FSDP ``device_id=None`` on CPU, which FSDP refuses without an accelerator; this
-    wraps the module itself with ``device_id=cpu`` and the same arguments, then lets Lightning finish.
-    """
+class _WrapOnCPU:
+    """FSDP on gloo CPU processes: Lightning hands FSDP ``device_id=None`` on CPU, which FSDP refuses
+    without an accelerator; this wraps the module itself with ``device_id=cpu`` and the strategy's
+    arguments, then lets Lightning finish."""
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -33,6 +32,14 @@ class CPUBlockFSDPStrategy(BlockFSDPStrategy):
             **self.kwargs,
         )
         return super()._setup_model(model)
+
+
+class CPUBlockFSDPStrategy(_WrapOnCPU, BlockFSDPStrategy):
+    """:class:`BlockFSDPStrategy` on CPU processes."""
+
+
+class CPUFSDPStrategy(_WrapOnCPU, FSDPStrategy):
+    """Lightning's plain FSDP (one unit for the whole module) on CPU processes."""
 
 
 class DumpPolicy(L.Callback):

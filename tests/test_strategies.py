@@ -1,8 +1,8 @@
 """`train.py fit` under DDP and under BlockFSDPStrategy, two gloo processes on CPU.
 
-Both strategies average the same per-rank gradients and run AdamW on the same numbers, so after the
-same steps from the same seed the policies must agree; FSDP must also report the same gradient norm
-(a collective over the shards) and must not hang when a rank's shard holds only frozen weights.
+Both strategies average the same per-rank gradients and run the same optimizer on them, so after
+the same steps from the same seed the policies must agree; FSDP must also report the same gradient
+norm (a collective over the shards) and must not hang when a rank's shard holds only frozen weights.
 """
 
 from __future__ import annotations
@@ -124,6 +124,16 @@ def test_block_fsdp_trains_like_ddp(tiny_run):
     worst = max((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
     assert worst < 1e-4 * moved, f"FSDP and DDP policies differ by {worst:.2e} (moved {moved:.2e})"
     assert fsdp_facts["grad_norm"] == pytest.approx(ddp_facts["grad_norm"], rel=1e-5)
+
+
+def test_plain_fsdp_does_not_hang_when_a_rank_holds_only_frozen_weights(tiny_run):
+    # one unit for the whole module: its flat parameter is the policy then the equally large float32
+    # reference, so rank 1's half is frozen weights only and that rank has no gradient at all; the
+    # guard must still join every collective (it used to return early and leave rank 0 waiting)
+    strategy = {"class_path": "cpu_strategies.CPUFSDPStrategy"}
+    facts, _ = _finished(_fit(tiny_run, "plain_fsdp", strategy, "float32"), tiny_run, "plain_fsdp")
+    assert facts["global_step"] == 3 and facts["fsdp_units"] == 1
+    assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
 
 
 @pytest.mark.slow
