@@ -29,6 +29,7 @@ from typing import Any
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from popalign.errors import UserError
 from popalign.models.speed import REPEATED_BLOCKS
 
 #: the UNet class itself: wrapping it keeps the policy's and the reference's leftovers (embeddings,
@@ -51,6 +52,17 @@ class BlockFSDPStrategy(FSDPStrategy):
         if kwargs.get("auto_wrap_policy") is None:
             kwargs["auto_wrap_policy"] = block_wrap_policy(self.wrap_blocks)
         super().__init__(**kwargs)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        if self.root_device.type == "cpu" and not wrapped:
+            raise UserError(
+                f"{STRATEGY_NAME} (FSDP) shards across GPUs and PyTorch's FSDP refuses CPU devices; "
+                "use --trainer.accelerator gpu, or --trainer.strategy ddp on CPUs"
+            )
+        return super()._setup_model(model)
 
 
 STRATEGY_NAME = "fsdp_blocks"

@@ -233,3 +233,17 @@ def test_strategy_name_selects_block_fsdp(tiny_model):
         "ResnetBlock2D",
         "UNet2DConditionModel",
     )
+
+
+def test_block_fsdp_on_cpu_is_a_one_line_error(tiny_run, capsys, monkeypatch):
+    from popalign.train_cli import cli_main
+
+    monkeypatch.chdir(tiny_run)  # the config's relative paths (runs/tiny/...) stay out of the checkout
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.strategy=fsdp_blocks"]
+    args += [f"--model.init_args.pretrained_model={tiny_run / 'tiny/model'}"]
+    args += [f"--data.train_shards={tiny_run / 'tiny/shards'}", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as stop:
+        cli_main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error: fsdp_blocks") and "--trainer.accelerator gpu" in err[-1]
