@@ -182,3 +182,13 @@ def labels(generated, oracle, tmp_path_factory) -> Path:
         == 0
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A folder holding `popalign tiny`'s model and shards (tiny/model, tiny/shards) for launched runs."""
+    from popalign.cli import main
+
+    root = tmp_path_factory.mktemp("launched")
+    assert main(["tiny", "--out", str(root / "tiny"), "--groups", "8"]) == 0
+    return root

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_batch
-from test_strategies import _finished, _fit, tiny_run  # noqa: F401 (tiny_run is a fixture)
+from launch import finished_run, fit_tiny
 
 from popalign.models import speed
 from popalign.models.flops import count_host_syncs
@@ -81,12 +81,12 @@ def test_channels_last_and_selective_checkpointing_keep_loss(tiny_model):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "block_fsdp"])
-def test_train_py_starts_on_one_gpu(tiny_run, strategy):  # noqa: F811
+def test_train_py_starts_on_one_gpu(tiny_run, strategy):
     chosen = "fsdp_blocks" if strategy == "block_fsdp" else strategy  # the registered name
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed"}
-    proc = _fit(tiny_run, f"gpu_{strategy}", chosen, "bfloat16", 3, **trainer)
-    facts, _ = _finished(proc, tiny_run, f"gpu_{strategy}")
+    proc = fit_tiny(tiny_run, f"gpu_{strategy}", chosen, "bfloat16", 3, **trainer)
+    facts, _ = finished_run(proc, tiny_run, f"gpu_{strategy}")
     assert facts["global_step"] == 3 and facts["world_size"] == 1
     assert torch.isfinite(torch.tensor(facts["grad_norm"]))
     assert (facts["fsdp_units"] > 1) == (strategy == "block_fsdp")

@@ -7,87 +7,14 @@ norm (a collective over the shards) and must not hang when a rank's shard holds 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from launch import ROOT, finished_run, fit_tiny
 from safetensors.torch import load_file
-
-from popalign.cli import main
-
-ROOT = Path(__file__).parents[1]
-TIMEOUT_S = 300  # a deadlocked collective shows up as a timeout, not a hang of the suite
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("strategies")
-    assert main(["tiny", "--out", str(root / "tiny"), "--groups", "8"]) == 0
-    return root
-
-
-SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
-
-
-def _fit(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
-    """`train.py fit` of configs/tiny.yaml on two CPU processes; ``more``: ``optimizer`` (default
-    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer,
-    ``lora_rank`` for the module."""
-    overlay = {
-        "trainer": {
-            "accelerator": more.get("accelerator", "cpu"),
-            "devices": more.get("devices", 2),
-            "precision": more.get("precision", "32-true"),
-            "strategy": strategy,
-            "max_steps": steps,
-            "gradient_clip_val": more.get("clip"),
-            "logger": False,
-            "enable_checkpointing": "checkpoints" in more,
-            "enable_progress_bar": False,
-            "default_root_dir": str(root / name),
-            "callbacks": [{"class_path": "cpu_strategies.DumpPolicy", "init_args": {"out": str(root / name)}}]
-            + [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(c)},
-                }
-                for c in [more.get("checkpoints")]
-                if c
-            ],
-        },
-        "model": {
-            "init_args": {
-                "pretrained_model": str(root / "tiny/model"),
-                "reference_dtype": reference_dtype,
-                # plain SGD: the update is the gradient itself, so weights compare like gradients do
-                # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
-                **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
-                **({"lora_rank": more["lora_rank"]} if "lora_rank" in more else {}),
-            }
-        },
-        "data": {"train_shards": str(root / "tiny/shards")},
-    }
-    config = root / f"{name}-config.yaml"  # JSON is YAML
-    config.write_text(json.dumps(overlay))
-    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
-    cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-def _finished(proc, root: Path, name: str) -> tuple[dict, dict]:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    facts = json.loads((root / f"{name}.json").read_text())
-    return facts, load_file(str(root / f"{name}.safetensors"))
-
 
 FSDP = {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"}
 
@@ -107,11 +34,11 @@ def test_block_fsdp_trains_like_ddp(tiny_run):
     # and gradient clipping (norm ~700 clipped to 1), which Lightning refuses under FSDP: the module
     # clips by the norm over all shards, so both runs take the same clipped SGD steps
     sgd = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
-    ddp_facts, ddp = _finished(
-        _fit(tiny_run, "ddp", "ddp", "float32", clip=1.0, optimizer=sgd), tiny_run, "ddp"
+    ddp_facts, ddp = finished_run(
+        fit_tiny(tiny_run, "ddp", "ddp", "float32", clip=1.0, optimizer=sgd), tiny_run, "ddp"
     )
-    fsdp_proc = _fit(tiny_run, "fsdp", FSDP, "float32", clip=1.0, optimizer=sgd)
-    fsdp_facts, fsdp = _finished(fsdp_proc, tiny_run, "fsdp")
+    fsdp_proc = fit_tiny(tiny_run, "fsdp", FSDP, "float32", clip=1.0, optimizer=sgd)
+    fsdp_facts, fsdp = finished_run(fsdp_proc, tiny_run, "fsdp")
 
     assert ddp_facts["global_step"] == fsdp_facts["global_step"] == 3
     assert ddp_facts["world_size"] == fsdp_facts["world_size"] == 2
@@ -131,7 +58,7 @@ def test_plain_fsdp_does_not_hang_when_a_rank_holds_only_frozen_weights(tiny_run
     # reference, so rank 1's half is frozen weights only and that rank has no gradient at all; the
     # guard must still join every collective (it used to return early and leave rank 0 waiting)
     strategy = {"class_path": "cpu_strategies.CPUFSDPStrategy"}
-    facts, _ = _finished(_fit(tiny_run, "plain_fsdp", strategy, "float32"), tiny_run, "plain_fsdp")
+    facts, _ = finished_run(fit_tiny(tiny_run, "plain_fsdp", strategy, "float32"), tiny_run, "plain_fsdp")
     assert facts["global_step"] == 3 and facts["fsdp_units"] == 1
     assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
 
@@ -139,7 +66,7 @@ def test_plain_fsdp_does_not_hang_when_a_rank_holds_only_frozen_weights(tiny_run
 @pytest.mark.slow
 def test_block_fsdp_with_bfloat16_reference_trains(tiny_run):
     # the SDXL configs' default: float32 policy units and bfloat16 reference units side by side
-    facts, policy = _finished(_fit(tiny_run, "fsdp_bf16", FSDP, "bfloat16"), tiny_run, "fsdp_bf16")
+    facts, policy = finished_run(fit_tiny(tiny_run, "fsdp_bf16", FSDP, "bfloat16"), tiny_run, "fsdp_bf16")
     assert facts["global_step"] == 3 and facts["fsdp_units"] == _units(tiny_run)
     assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
     initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
@@ -149,11 +76,11 @@ def test_block_fsdp_with_bfloat16_reference_trains(tiny_run):
 @pytest.mark.slow
 def test_block_fsdp_trains_lora_like_ddp(tiny_run):
     # units mixing frozen base weights and trainable adapters; the reference is the adapters switched off
-    ddp_facts, ddp = _finished(
-        _fit(tiny_run, "lora_ddp", "ddp", "float32", lora_rank=4), tiny_run, "lora_ddp"
+    ddp_facts, ddp = finished_run(
+        fit_tiny(tiny_run, "lora_ddp", "ddp", "float32", lora_rank=4), tiny_run, "lora_ddp"
     )
-    fsdp_proc = _fit(tiny_run, "lora_fsdp", FSDP, "float32", lora_rank=4)
-    fsdp_facts, fsdp = _finished(fsdp_proc, tiny_run, "lora_fsdp")
+    fsdp_proc = fit_tiny(tiny_run, "lora_fsdp", FSDP, "float32", lora_rank=4)
+    fsdp_facts, fsdp = finished_run(fsdp_proc, tiny_run, "lora_fsdp")
     adapters = [k for k in ddp if "lora_B" in k]  # zero at the start, so any value is training
     assert adapters and ddp.keys() == fsdp.keys()
     moved = max(ddp[k].abs().max().item() for k in adapters)
@@ -169,15 +96,17 @@ def test_block_fsdp_sharded_checkpoint_resumes(tiny_run):
     # sharded one can: a run stops after 2 steps and a second one resumes it to 4, optimizer included
     strategy = {**FSDP, "init_args": {"state_dict_type": "sharded"}}
     ckpts = tiny_run / "sharded_ckpts"
-    first, _ = _finished(
-        _fit(tiny_run, "first", strategy, "bfloat16", 2, optimizer=None, checkpoints=ckpts), tiny_run, "first"
+    first, _ = finished_run(
+        fit_tiny(tiny_run, "first", strategy, "bfloat16", 2, optimizer=None, checkpoints=ckpts),
+        tiny_run,
+        "first",
     )
     (saved,) = ckpts.iterdir()
     assert saved.is_dir() and first["adam_steps"] == [2]
-    proc = _fit(
+    proc = fit_tiny(
         tiny_run, "resumed", strategy, "bfloat16", 4, optimizer=None, checkpoints=ckpts, ckpt_path=saved
     )
-    resumed, _ = _finished(proc, tiny_run, "resumed")
+    resumed, _ = finished_run(proc, tiny_run, "resumed")
     assert resumed["global_step"] == 4 and resumed["adam_steps"] == [4]
 
 

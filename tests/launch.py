@@ -1,0 +1,71 @@
+"""`train.py fit` of configs/tiny.yaml in a subprocess, several processes when asked, for the
+strategy tests (tests/test_strategies.py on CPU, tests/test_gpu.py on a GPU). The run's facts and
+final policy come back through ``cpu_strategies.DumpPolicy``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parents[1]
+TIMEOUT_S = 300  # a deadlocked collective shows up as a timeout, not a hang of the suite
+SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
+
+
+def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
+    """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
+    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
+    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer,
+    ``lora_rank`` for the module."""
+    overlay = {
+        "trainer": {
+            "accelerator": more.get("accelerator", "cpu"),
+            "devices": more.get("devices", 2),
+            "precision": more.get("precision", "32-true"),
+            "strategy": strategy,
+            "max_steps": steps,
+            "gradient_clip_val": more.get("clip"),
+            "logger": False,
+            "enable_checkpointing": "checkpoints" in more,
+            "enable_progress_bar": False,
+            "default_root_dir": str(root / name),
+            "callbacks": [{"class_path": "cpu_strategies.DumpPolicy", "init_args": {"out": str(root / name)}}]
+            + [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(c)},
+                }
+                for c in [more.get("checkpoints")]
+                if c
+            ],
+        },
+        "model": {
+            "init_args": {
+                "pretrained_model": str(root / "tiny/model"),
+                "reference_dtype": reference_dtype,
+                # plain SGD: the update is the gradient itself, so weights compare like gradients do
+                # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
+                **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
+                **({"lora_rank": more["lora_rank"]} if "lora_rank" in more else {}),
+            }
+        },
+        "data": {"train_shards": str(root / "tiny/shards")},
+    }
+    config = root / f"{name}-config.yaml"  # JSON is YAML
+    config.write_text(json.dumps(overlay))
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def finished_run(proc, root: Path, name: str) -> tuple[dict, dict]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads((root / f"{name}.json").read_text())
+    return facts, load_file(str(root / f"{name}.safetensors"))
