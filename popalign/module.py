@@ -120,6 +120,7 @@ class PopAlignModule(L.LightningModule):
         self._speed_up(gradient_checkpointing, compile_blocks, channels_last)
         self.ema = EMA(self.policy, ema_decay) if ema_decay is not None else None
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+        self._step_grad_norm: torch.Tensor | None = None  # the guard's norm, until clipping takes it
 
     def _speed_up(self, checkpointing: bool | str, compile_mode: str | None, channels_last: bool) -> None:
         from popalign.models import speed
@@ -289,7 +290,7 @@ class PopAlignModule(L.LightningModule):
         same number on every rank (DDP averaged the gradients, FSDP's norm is a collective), so
         every rank skips the same steps.
         """
-        norm = self._gradient_norm()
+        norm = self._step_grad_norm = self._gradient_norm()  # configure_gradient_clipping reuses it
         if norm is None or not self.skip_nonfinite:
             return norm, True
         bad = ~torch.isfinite(norm)
@@ -317,12 +318,21 @@ class PopAlignModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """``trainer.gradient_clip_val`` by norm also under FSDP, where Lightning refuses it: the root
-        FSDP module clips by the norm over all shards."""
-        wrapped = self._fsdp_root()
-        if wrapped is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            wrapped.clip_grad_norm_(gradient_clip_val)
-            return
+        """``trainer.gradient_clip_val`` by norm with the norm :meth:`guard_gradients` took this step
+        (over all shards under FSDP, where Lightning refuses to clip), so the gradients are read once:
+        ``g <- g * min(1, clip / (norm + 1e-6))``, torch's ``clip_grad_norm_`` formula. Without that
+        norm (fp16 loss scaling, where the guard stands aside) clipping is Lightning's or FSDP's own."""
+        norm, self._step_grad_norm = self._step_grad_norm, None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if norm is not None:
+                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+                if grads:  # none when the guard dropped a non-finite step
+                    torch._foreach_mul_(grads, (gradient_clip_val / (norm + 1e-6)).clamp(max=1.0))
+                return
+            wrapped = self._fsdp_root()
+            if wrapped is not None:
+                wrapped.clip_grad_norm_(gradient_clip_val)
+                return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _fsdp_root(self):

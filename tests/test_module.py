@@ -191,6 +191,28 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_model, batch_factory, tmp_pa
         _fit(m2, batch_factory, tmp_path / "abort", steps=4, nan_at={0, 1, 2})
 
 
+def test_clipping_reuses_the_guards_norm_and_matches_torch(tiny_model, batch_factory):
+    m = _module(tiny_model, objective=SFTLoss())
+    batch = batch_factory(pairs=2)
+    noise, t = m.noise_and_timesteps(batch["latents"])
+    m.compute_objective(batch, noise, t).loss.backward()
+    params = m.trainable_parameters()
+    shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for twin, p in zip(shadow, params):
+        twin.grad = p.grad.clone()
+    total = torch.nn.utils.clip_grad_norm_(shadow, max_norm=1e-3)  # torch clips the twins' gradients
+    expected = [twin.grad for twin in shadow]
+    assert total > 1e-3  # so clipping really scales the gradients down
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    norm, proceed = m.guard_gradients(optimizer)
+    assert proceed
+    torch.testing.assert_close(norm, total)
+    m.configure_gradient_clipping(optimizer, 1e-3, "norm")
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+    assert m._step_grad_norm is None  # taken: a later step cannot clip with a stale norm
+
+
 def test_fp16_loss_scaling_skips_overflows_itself(tiny_model, batch_factory, tmp_path):
     # with a GradScaler the guard stands aside: overflowing steps are the scaler's routine, they must
     # lower its scale (not be dropped before it sees them) and must not count towards the abort limit
