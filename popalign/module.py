@@ -52,7 +52,9 @@ class PopAlignModule(L.LightningModule):
             time in minutes); ``null`` = off, else the compile mode (``default``, ``max-autotune-no-cudagraphs``).
         channels_last: store conv weights channels-last (faster convolutions on recent GPUs).
         prediction_type: ``epsilon`` or ``v_prediction``; default: the scheduler config's.
-        ema_decay: keep an exponential moving average of the trainable weights with this decay.
+        ema_decay: keep an exponential moving average of the trainable weights with this decay,
+            updated once per applied optimizer step (not per accumulated micro-batch; skipped
+            non-finite steps leave it alone).
         skip_nonfinite: skip an optimizer step whose gradients hold NaN/inf; counted in
             ``train/nonfinite_steps``. Fused optimizers skip on the device; others cost one host sync
             per optimizer step.
@@ -106,10 +108,9 @@ class PopAlignModule(L.LightningModule):
             raise ValueError(
                 f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
-        # a buffer, so the schedule moves to the device once instead of on every add_noise call
-        self.register_buffer(
-            "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
+        # float32 always, so not a buffer: precision plugins cast float buffers (FSDP's bf16
+        # MixedPrecision, bf16-true), and in bf16 1 - alpha_bar rounds to 0 at the first timesteps
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.clone().float()
 
         self.lora = lora_rank is not None
         self.reference: nn.Module | None = None
@@ -121,6 +122,7 @@ class PopAlignModule(L.LightningModule):
         self.ema = EMA(self.policy, ema_decay) if ema_decay is not None else None
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self._step_grad_norm: torch.Tensor | None = None  # the guard's norm, until clipping takes it
+        self._step_skipped: torch.Tensor | None = None  # the guard's on-device skip flag (fused optimizers)
 
     def _speed_up(self, checkpointing: bool | str, compile_mode: str | None, channels_last: bool) -> None:
         from popalign.models import speed
@@ -176,6 +178,12 @@ class PopAlignModule(L.LightningModule):
             finally:
                 self.policy.enable_adapters()
 
+    def _schedule(self, device: torch.device) -> torch.Tensor:
+        # moved once per device, like a buffer would be (a device comparison costs no sync)
+        if self.alphas_cumprod.device != device:
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self.alphas_cumprod
+
     def noise_and_timesteps(
         self, latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +205,7 @@ class PopAlignModule(L.LightningModule):
         """
         x0 = batch["latents"].float()
         n = x0.shape[0]
-        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        a = self._schedule(x0.device)[timesteps].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         cond, t = batch, timesteps
@@ -260,20 +268,23 @@ class PopAlignModule(L.LightningModule):
             # fp16 loss scaling: the GradScaler finds overflowing steps, skips them and lowers its
             # scale; a second guard would count its routine overflows and keep it from adapting
             optimizer.step(closure=optimizer_closure)
+            self._update_ema(applied=True, skipped=None)  # the scaler's rare skips still move the EMA
             return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        applied = [True]
 
         def guarded_closure():
             loss = optimizer_closure()
-            norm, proceed = self.guard_gradients(torch_optimizer)
+            norm, applied[0] = self.guard_gradients(torch_optimizer)
             if norm is not None:
                 self.log("train/grad_norm", norm, batch_size=1)
-            if proceed:
+            if applied[0]:
                 return loss
             optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
             return None
 
         optimizer.step(closure=guarded_closure)
+        self._update_ema(applied[0], self._step_skipped)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
         if (
             _skips_on_device(torch_optimizer)
@@ -291,11 +302,12 @@ class PopAlignModule(L.LightningModule):
         every rank skips the same steps.
         """
         norm = self._step_grad_norm = self._gradient_norm()  # configure_gradient_clipping reuses it
+        self._step_skipped = None
         if norm is None or not self.skip_nonfinite:
             return norm, True
         bad = ~torch.isfinite(norm)
         if _skips_on_device(optimizer):
-            optimizer.found_inf = bad.float()  # the fused kernels skip the update when 1
+            optimizer.found_inf = self._step_skipped = bad.float()  # the fused kernels skip when 1
             self.nonfinite_steps += bad
             return norm, True
         if not bad.item():  # the one host sync of the step
@@ -356,9 +368,12 @@ class PopAlignModule(L.LightningModule):
             return None
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.policy)
+    def _update_ema(self, applied: bool, skipped: torch.Tensor | None) -> None:
+        # once per optimizer step, not per micro-batch: under gradient accumulation a per-batch
+        # update would pull the average k times per step (decay d acting as d**k); steps the guard
+        # skipped leave it alone (on the host, or through the fused optimizer's on-device flag)
+        if self.ema is not None and applied:
+            self.ema.update(self.policy, skipped)
 
     # ------------------------------------------------------------------ checkpoints hold trainable state only
     def _frozen_keys(self) -> set[str]:

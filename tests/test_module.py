@@ -126,8 +126,19 @@ class _Batches(torch.utils.data.Dataset):
         return b
 
 
-def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset(), plugins=None):
+def _fit(
+    module,
+    make,
+    tmp_path,
+    steps,
+    ckpt_path=None,
+    nan_at=frozenset(),
+    plugins=None,
+    callbacks=(),
+    **trainer_kw,
+):
     trainer = L.Trainer(
+        **trainer_kw,
         accelerator="cpu",
         plugins=plugins,
         max_steps=steps,
@@ -136,7 +147,10 @@ def _fit(module, make, tmp_path, steps, ckpt_path=None, nan_at=frozenset(), plug
         enable_model_summary=False,
         log_every_n_steps=1,
         default_root_dir=tmp_path,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+            *callbacks,
+        ],
     )
     loader = DataLoader(_Batches(make, nan_at=nan_at), batch_size=None, shuffle=False)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
@@ -237,6 +251,51 @@ def test_ema_tracks_policy(tiny_model, batch_factory, tmp_path):
     assert not torch.equal(avg, start[name]) and not torch.equal(avg, now)
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
+
+
+class _StepSnapshots(L.Callback):
+    """The policy's weights after every optimizer step (applied or skipped)."""
+
+    def __init__(self):
+        self.after = []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        if trainer.global_step > len(self.after):
+            self.after.append({n: p.detach().clone() for n, p in module.policy.named_parameters()})
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_ema_moves_once_per_applied_optimizer_step(tiny_model, batch_factory, tmp_path, fused):
+    # 3 optimizer steps of 2 accumulated batches each; the first has NaN gradients and is skipped.
+    # One update per applied step: avg = lerp(lerp(start, w2, 1 - d), w3, 1 - d). An update per
+    # batch (6 of them) or one on the skipped step gives something else.
+    d = 0.5
+    m = _module(tiny_model, ema_decay=d, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, fused=fused))
+    start = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+    snaps = _StepSnapshots()
+    _fit(m, batch_factory, tmp_path, steps=3, nan_at={0}, accumulate_grad_batches=2, callbacks=[snaps])
+    assert int(m.nonfinite_steps) == 1 and len(snaps.after) == 3
+    w2, w3 = snaps.after[1], snaps.after[2]
+    assert not torch.equal(w2["conv_in.weight"], w3["conv_in.weight"])  # both applied steps trained
+    for name, avg in m.ema.state_by_name().items():
+        expected = d * (d * start[name] + (1 - d) * w2[name]) + (1 - d) * w3[name]
+        torch.testing.assert_close(avg, expected, rtol=0, atol=1e-6)
+
+
+def test_precision_casts_keep_noise_schedule_and_ema_in_float32(tiny_model, batch_factory):
+    # bf16-true (module.to(bf16)) and FSDP's bf16 MixedPrecision cast float buffers; in bf16
+    # 1 - alpha_bar rounds to 0 at t = 0, so x_t would carry no noise, and EMA updates would round away
+    m = _module(tiny_model, ema_decay=0.99, reference_dtype="bfloat16")
+    schedule = m.alphas_cumprod.clone()
+    m.to(torch.bfloat16)
+    assert m.alphas_cumprod.dtype == torch.float32 and torch.equal(m.alphas_cumprod, schedule)
+    assert 1 - m.alphas_cumprod[0] > 0
+    assert all(b.dtype == torch.float32 for b in m.ema.shadow.buffers())
+    m.to(torch.float32)
+    batch = batch_factory(pairs=1)
+    noise, _ = m.noise_and_timesteps(batch["latents"])
+    out = m.compute_objective(batch, noise, torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("checkpointing", [True, "save_matmuls"])
