@@ -133,6 +133,29 @@ def test_split_by_node_uses_torch_distributed_rank(tmp_path, monkeypatch):
         PopulationDataModule(str(tmp_path)).setup("fit")
 
 
+def test_validation_gives_every_rank_the_same_batch_count(tmp_path, monkeypatch):
+    # 2 validation shards over 3 ranks: one pass would give ranks 2, 2 and 0 batches, and a
+    # validation step's collectives (PopAlign's kappa all-reduce) would pair up wrongly, then hang
+    write_shards(tmp_path / "train", 6, maxcount=2)
+    write_shards(tmp_path / "val", 4, maxcount=2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+
+    def val_batches(rank: int, **kw) -> list[list[str]]:
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        dm = PopulationDataModule(str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0, **kw)
+        loader = dm.val_dataloader()
+        passes = [[b["keys"] for b in loader] for _ in range(2)]
+        assert passes[0] == passes[1]  # the same draws every validation pass
+        return passes[0]
+
+    with pytest.raises(UserError, match="validation on 3 ranks needs data.val_batches"):
+        val_batches(0)
+    per_rank = [val_batches(rank, val_batches=3, groups_per_batch=2, pairs_per_group=2) for rank in range(3)]
+    assert [len(b) for b in per_rank] == [3, 3, 3]
+    assert all(len(keys) == 2 for batches in per_rank for keys in batches)
+
+
 def test_deterministic_given_seed_and_epoch(tmp_path):
     write_shards(tmp_path, 12, maxcount=3)
 
@@ -189,6 +212,7 @@ def test_invalid_arguments():
         ({"latent_shape": (4, 8)}, "latent_shape must be three"),
         ({"batches_per_epoch": 0}, "batches_per_epoch must be >= 1"),
         ({"seed": -1}, "seed must be >= 0"),
+        ({"val_batches": 0}, "val_batches must be >= 1"),
     ):
         with pytest.raises(UserError, match=message):
             PopulationDataModule("x.tar", **kwargs)

@@ -214,6 +214,10 @@ class PopulationDataModule(L.LightningDataModule):
         batches_per_epoch: None for one pass over the shards per epoch; an int resamples shards
             without end and cuts epochs of that many batches (use it with several ranks, so every
             rank takes the same number of steps).
+        val_batches: None for one pass over the validation shards (one rank only); an int draws that
+            many validation batches per rank from them, with replacement and the same draws every
+            validation pass. Needed with several ranks: a validation step holds collectives (PopAlign's
+            kappa, FSDP's gathers), so every rank must run the same number of them.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class PopulationDataModule(L.LightningDataModule):
         latent_shape: tuple[int, int, int] | None = None,
         max_bad_fraction: float = 0.01,
         batches_per_epoch: int | None = None,
+        val_batches: int | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -237,6 +242,7 @@ class PopulationDataModule(L.LightningDataModule):
             ("shuffle_buffer", shuffle_buffer, 0),
             ("seed", seed, 0),
             ("batches_per_epoch", 1 if batches_per_epoch is None else batches_per_epoch, 1),
+            ("val_batches", 1 if val_batches is None else val_batches, 1),
         ):
             if value < low:
                 raise UserError(f"data: {name} must be >= {low}, got {value}")
@@ -250,6 +256,7 @@ class PopulationDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.latent_shape = tuple(int(s) for s in latent_shape) if latent_shape is not None else None
         self.max_bad_fraction, self.batches_per_epoch = max_bad_fraction, batches_per_epoch
+        self.val_batches = val_batches
         self.train_stream: PopulationStream | None = None
         self.val_stream: PopulationStream | None = None
         if not val_shards:
@@ -282,7 +289,15 @@ class PopulationDataModule(L.LightningDataModule):
                 batches_per_epoch=self.batches_per_epoch, **common,
             )  # fmt: skip
         if stage in (None, "fit", "validate") and self.val_shards:
-            self.val_stream = PopulationStream(expand_shards(self.val_shards), **common)
+            if world_size > 1 and self.val_batches is None:
+                raise UserError(
+                    f"data: validation on {world_size} ranks needs data.val_batches (validation batches "
+                    "per rank): one pass over the shards can give ranks different step counts, and the "
+                    "steps' collectives would then pair up wrongly or hang"
+                )
+            self.val_stream = PopulationStream(
+                expand_shards(self.val_shards), batches_per_epoch=self.val_batches, **common
+            )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
