@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import GEN_FLAGS, run_cli
 
+from popalign.data.axes import load_axes
 from popalign.data.images import ImageShardWriter, encode_image
+from popalign.data.prompts import expand_prompts, write_prompt_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,4 +148,44 @@ def test_model_folder_missing_a_component(inputs, tiny_model, tmp_path, capsys):
         capsys,
         "text_encoder_2",
     )
+    assert not (tmp_path / "g").exists()  # nothing recorded for a model that did not load
     fails(build_args(inputs, str(tmp_path / "no" / "such" / "model"), out), capsys, "model folder not found")
+
+
+def generate_args(model, prompts, out, *extra) -> list:
+    return ["generate", "--model", model, "--prompts", prompts, "--out", out, *GEN_FLAGS, *extra]
+
+
+def test_generate_refuses_images_of_another_prompt_table(generated, tiny_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(generated, images)
+    # the same ids (p0000, p0000-a0000, ...) for other prompts
+    rows = expand_prompts(
+        ["a photo of a {identity} engineer", "a photo of a {identity} nurse"], load_axes(["gender"])
+    )
+    other = write_prompt_table(rows, tmp_path / "other.jsonl")
+    needles = (
+        "images-r0-000000.tar",
+        "'p0000'",
+        "'a photo of a doctor'",
+        "'a photo of an engineer'",
+        str(other),
+    )
+    fails(generate_args(tiny_model, other, images), capsys, *needles)
+    # done records of an older popalign (no prompt texts): the shards themselves are read
+    done = images / "done-r0.jsonl"
+    records = [json.loads(line) for line in done.read_text().splitlines()]
+    done.write_text("".join(json.dumps({k: r[k] for k in ("shard", "prompt_ids")}) + "\n" for r in records))
+    fails(generate_args(tiny_model, other, images), capsys, *needles)
+    assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in generated.iterdir())
+
+
+def test_generate_flags_and_folders_fail_before_anything_is_written(table, tiny_model, tmp_path, capsys):
+    out = tmp_path / "images"
+    fails(generate_args(tmp_path / "modle", table, out), capsys, "modle", "model folder not found")
+    assert not out.exists()  # no generate.json recording the typo: the corrected command just runs
+    for flag in ("--batch-size", "--shard-size", "--devices", "--num-nodes"):
+        fails(generate_args(tiny_model, table, out, flag, 0), capsys, f"{flag} must be >= 1, got 0")
+    assert not out.exists()
+    (tmp_path / "afile").write_text("x")
+    fails(generate_args(tiny_model, table, tmp_path / "afile"), capsys, "afile", "not a folder")

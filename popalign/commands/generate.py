@@ -118,10 +118,12 @@ def run(args: argparse.Namespace) -> int:
     report = generate(
         rows, settings, args.out, batch_size=args.batch_size, shard_size=args.shard_size, devices=args.devices,
         num_nodes=args.num_nodes, accelerator=args.accelerator, vae_dtype=opt("vae_dtype"), progress=not args.no_progress,
+        table=args.prompts,
     )  # fmt: skip
     rate = report["images"] / report["seconds"] if report["seconds"] else 0.0
+    topped = f" ({report['topped_up']} topped up to {args.images_per_prompt})" if report["topped_up"] else ""
     print(
         f"{report['prompts']} prompts: {report['already_done']} already done, {report['images']} images "
-        f"generated in {report['seconds']:.1f} s ({rate:.2f} images/s) -> {args.out}"
+        f"generated{topped} in {report['seconds']:.1f} s ({rate:.2f} images/s) -> {args.out}"
     )
     return 0
