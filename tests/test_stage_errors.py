@@ -189,3 +189,49 @@ def test_generate_flags_and_folders_fail_before_anything_is_written(table, tiny_
     assert not out.exists()
     (tmp_path / "afile").write_text("x")
     fails(generate_args(tiny_model, table, tmp_path / "afile"), capsys, "afile", "not a folder")
+
+
+def test_build_refuses_images_of_another_prompt_table(inputs, tiny_model, tmp_path, capsys):
+    rows = expand_prompts(
+        ["a photo of a {identity} engineer", "a photo of a {identity} nurse"], load_axes(["gender"])
+    )
+    write_prompt_table(rows, inputs["prompts"])  # the same ids for other prompts
+    out = tmp_path / "shards"
+    fails(
+        build_args(inputs, tiny_model, out),
+        capsys,
+        "images-r0-000000.tar: sample 'p0000-0000'",
+        "'p0000'",
+        "'a photo of a doctor'",
+        "'a photo of an engineer'",
+        str(inputs["prompts"]),
+    )
+    assert nothing_built(out)
+
+
+def test_build_keeps_previous_shards_and_refuses_foreign_ones(inputs, tiny_model, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run_cli(build_args(inputs, tiny_model, out), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "shard-000000.tar" in before and "summary.json" in before
+    # a run that builds nothing fails and leaves the good shards as they were
+    fails([*build_args(inputs, tiny_model, out), "--population-size", 100], capsys, "no group could be built")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # shards no build wrote (another tool's, or a copy) are not deleted but refused
+    (out / "shard-000007.tar").write_bytes(b"someone else's shard")
+    fails([*build_args(inputs, tiny_model, out), "--seed", 1], capsys, "shard-000007.tar", "did not write")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "shard-000000.tar").write_bytes(b"someone else's shard")
+    fails(build_args(inputs, tiny_model, foreign), capsys, "shard-000000.tar", "did not write")
+    assert (foreign / "shard-000000.tar").read_bytes() == b"someone else's shard"
+    # missing labels: one line, not a traceback
+    inputs["labels"].unlink()
+    fails(build_args(inputs, tiny_model, tmp_path / "o1"), capsys, str(inputs["labels"]), "cannot read")
+
+
+def test_build_help_shows_no_default_for_an_off_switch(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["build", "--help"], capsys)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-source-embeds" in text and "(default: True)" not in text
