@@ -90,6 +90,7 @@ def test_bad_image_shards(inputs, tiny_model, oracle, tmp_path, capsys):
         )
     row = json.loads(inputs["labels"].read_text().splitlines()[0])
     with open(inputs["labels"], "a") as f:
+        row = {k: v for k, v in row.items() if k != "image_sha1"}  # a row of an older popalign
         f.write(json.dumps({**row, "key": "p0000-0099"}) + "\n")
     fails(
         build_args(inputs, tiny_model, out),

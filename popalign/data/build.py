@@ -157,6 +157,11 @@ def _index_images(
             raise UserError(
                 f"{labels}: label of {s.key!r} is for prompt {row['prompt_id']!r}, the image's is {s.prompt_id!r}"
             )
+        if row.get("image_sha1", s.digest) != s.digest:
+            raise UserError(
+                f"{labels}: label of {s.key!r} is of another image than {s.where} "
+                "(the images changed since labelling: re-run popalign label)"
+            )
         hw = s.image_size()
         if hw != (s.meta["height"], s.meta["width"]) or (size is not None and hw != size):
             want = size or (s.meta["height"], s.meta["width"])

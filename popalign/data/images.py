@@ -272,6 +272,14 @@ class ImageSample:
     def where(self) -> str:
         return f"{self.shard}: sample {self.key!r}"
 
+    @property
+    def digest(self) -> str:
+        """SHA-1 of the stored image file: tells this image from another one under the same key."""
+        import hashlib
+
+        data = next((self.files[e] for e in ("png", "jpg", "jpeg") if e in self.files), b"")
+        return hashlib.sha1(data).hexdigest()
+
     def _open(self) -> Any:
         from PIL import Image, UnidentifiedImageError
 
