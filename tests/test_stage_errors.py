@@ -236,3 +236,14 @@ def test_build_help_shows_no_default_for_an_off_switch(capsys):
         run_cli(["build", "--help"], capsys)
     text = " ".join(capsys.readouterr().out.split())
     assert "--no-source-embeds" in text and "(default: True)" not in text
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(table, tiny_model, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("popalign.data.generate.load_pipeline", interrupted)
+    code, _, err = run_cli(generate_args(tiny_model, table, tmp_path / "g"), capsys)
+    assert (
+        code == 130 and err.strip() == "popalign generate: interrupted; run the same command again to resume"
+    )
