@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import GEN_FLAGS, N_IMAGES, TINY_LATENT, run_cli
 
-from popalign.data.generate import GenerateSettings, generate, image_seed, sample
+from popalign.data.generate import (
+    GenerateSettings,
+    check_settings,
+    generate,
+    image_seed,
+    record_settings,
+    sample,
+)
 from popalign.data.images import completed_prompts, iter_image_samples, prompt_records
 from popalign.data.prompts import read_prompt_table
+from popalign.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,3 +149,18 @@ def test_generate_through_lightning_predict_gives_the_same_images(
     assert ours.keys() == loop.keys()
     for key in ours:
         assert np.abs(ours[key].astype(int) - loop[key].astype(int)).max() <= 1
+
+
+def test_settings_compare_local_folders_by_path_and_record_the_vae_dtype(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "images"
+    out.mkdir()
+    record_settings(out, GenerateSettings(tiny_model, steps=2))
+    # the same folder spelled another way (relative, with ./, from another cwd) is the same model
+    monkeypatch.chdir(Path(tiny_model).parent)
+    for spelling in ("model", "./model", "model/", f"{tiny_model}/../model"):
+        check_settings(out, GenerateSettings(spelling, steps=2))
+    with pytest.raises(UserError, match="steps=2"):
+        check_settings(out, GenerateSettings("./model", steps=3))
+    # the VAE's decode dtype changes the images: a resume with another one is refused
+    with pytest.raises(UserError, match="vae_dtype=None, not 'float16'"):
+        check_settings(out, GenerateSettings(tiny_model, steps=2, vae_dtype="float16"))

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,7 @@ class GenerateSettings:
     unet: str | None = None
     lora: str | None = None
     image_format: str = "png"
+    vae_dtype: str | None = None  # as given (None: the default for ``dtype``, see load_pipeline)
 
     def check(self) -> None:
         """``UserError`` for values no pipeline can use."""
@@ -186,6 +187,18 @@ class GenerateSettings:
             raise UserError(f"--image-format must be png or jpg, got {self.image_format!r}")
 
 
+LOCAL_PATHS = ("model", "vae", "unet", "lora")  # a hub id, or a folder however it is spelled
+
+
+def _local(source: Any) -> Any:
+    """A local folder as its absolute path (``./m``, ``m/`` and ``/abs/m`` are one folder); else as is."""
+    return (
+        str(Path(source).resolve())
+        if isinstance(source, str) and source and Path(source).exists()
+        else source
+    )
+
+
 def check_settings(out: Path, settings: GenerateSettings) -> dict:
     """The sampler settings to record in ``out/generate.json``; ``UserError`` when an earlier run
     recorded different ones."""
@@ -193,11 +206,15 @@ def check_settings(out: Path, settings: GenerateSettings) -> dict:
     # an image depends on everything but the count per prompt: runs may differ in that alone
     # (e.g. more images for neutral prompts, sampled with --kinds neutral)
     new = {k: v for k, v in asdict(settings).items() if k != "images_per_prompt"}
+    new.update({k: _local(new[k]) for k in LOCAL_PATHS})
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: unreadable ({err})") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{path}: unreadable (not a JSON object)")
+        old.update({k: _local(old.get(k)) for k in LOCAL_PATHS})
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             k = diff[0]
@@ -327,10 +344,13 @@ def generate(
     ``use_trainer`` (default: when ``devices`` or ``num_nodes`` > 1) runs a Lightning
     ``Trainer.predict`` whose distributed sampler splits the rows over ranks; each rank writes its
     own shards. Otherwise a plain loop on one device. ``pipe`` skips loading (tests, notebooks).
-    ``out/generate.json`` is written only once the pipeline has loaded.
+    ``out/generate.json`` is written only once the pipeline has loaded. ``vae_dtype``, when given,
+    replaces ``settings.vae_dtype``.
     """
     from tqdm.auto import tqdm
 
+    if vae_dtype is not None:
+        settings = replace(settings, vae_dtype=vae_dtype)
     settings.check()
     _check_sizes(batch_size=batch_size, shard_size=shard_size, devices=devices, num_nodes=num_nodes)
     out = Path(out)
@@ -348,7 +368,7 @@ def generate(
     distributed = use_trainer if use_trainer is not None else (devices > 1 or num_nodes > 1)
     if pipe is None:
         pipe = load_pipeline(
-            settings.model, settings.vae, settings.unet, settings.lora, settings.dtype, vae_dtype,
+            settings.model, settings.vae, settings.unet, settings.lora, settings.dtype, settings.vae_dtype,
             device=None if distributed else _local_device(accelerator),
         )  # fmt: skip
     try:
