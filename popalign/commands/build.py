@@ -4,7 +4,9 @@ For every neutral prompt, each group pairs a preferred population (K images of i
 prompts whose labels agree with the prompt, balanced to the axes' joint target distribution) with a
 dispreferred population (K images of the neutral prompt), both captioned with the neutral prompt
 and encoded with the model's two text encoders. Writes OUT/shard-NNNNNN.tar (docs/shards.md) and
-OUT/summary.json. Re-running with unchanged inputs does nothing. See docs/pipeline.md.
+OUT/summary.json, replacing the previous shards only once the new ones are complete (a run that
+builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing. See
+docs/pipeline.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Writes webdataset shards OUT/images-r{rank}-{index:06d}.tar: per image a png/jpg, latent.npy (the
 pipeline's final latents in the UNet's scaled space, float16) and json (prompt, classes, seed,
 settings). Finished prompts are recorded in OUT/done-r{rank}.jsonl: re-running the command skips
-them, so an interrupted run resumes. With --devices N > 1, Lightning splits the prompts over N
+them, so an interrupted run resumes, and a larger --images-per-prompt samples only the missing
+images. An OUT holding images of another prompt table (same ids, other prompts) is refused. With --devices N > 1, Lightning splits the prompts over N
 devices (and --num-nodes machines); each rank writes its own shards. See docs/pipeline.md.
 """
 
