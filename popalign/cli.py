@@ -7,7 +7,8 @@ Every module in :mod:`popalign.commands` is a subcommand. A command module defin
 * ``run(args) -> int``: the work, importing heavy libraries inside.
 
 Errors the user can fix (bad files, bad flags) are raised as :class:`popalign.errors.UserError`
-and printed as one line with a non-zero exit, without a traceback.
+and printed as one line with a non-zero exit, without a traceback; Ctrl-C prints one line and
+exits 130.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"popalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # finished work is kept (stages write under temporary names): the same command resumes
+        print(f"popalign {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

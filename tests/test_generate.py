@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import GEN_FLAGS, N_IMAGES, TINY_LATENT, run_cli
 
-from popalign.data.generate import GenerateSettings, generate, image_seed, sample
-from popalign.data.images import completed_prompts, iter_image_samples
+from popalign.data.generate import (
+    GenerateSettings,
+    check_settings,
+    generate,
+    image_seed,
+    record_settings,
+    sample,
+)
+from popalign.data.images import completed_prompts, iter_image_samples, prompt_records
 from popalign.data.prompts import read_prompt_table
+from popalign.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,14 +110,25 @@ def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path
     (out / "done-r0.jsonl").write_text((out / "done-r0.jsonl").read_text().splitlines()[0] + "\n")
     assert completed_prompts(out) == {"p0000", "p0001", "p0000-a0000", "p0000-a0001"}
     (out / "images-r0-000099.tar.tmp").write_bytes(b"half a shard")
+    (out / "images-r3-000000.tar.tmp").write_bytes(b"half a shard of an earlier run on 4 devices")
     report = generate(rows, settings, out, shard_size=8, pipe=pipe, progress=False)
     assert report["already_done"] == 4 and report["images"] == 2 * N_IMAGES
-    assert not (out / "images-r0-000099.tar.tmp").exists()
+    assert not list(out.glob("*.tar.tmp"))
     assert (out / "images-r0-000000.tar").read_bytes() == first  # finished work untouched
     keys = [s.key for s in iter_image_samples(out)]
     assert len(keys) == len(set(keys)) == 6 * N_IMAGES
-    # another count per prompt is fine (images do not depend on it); finished prompts stay skipped
+    # more images per prompt: only the missing indices are sampled, with their own seeds
+    before = {s.key: s.files["png"] for s in iter_image_samples(out)}
     code, stdout, _ = generate_cli("--images-per-prompt", 6)
+    assert code == 0 and "0 already done, 12 images generated (6 topped up to 6)" in stdout
+    samples = {s.key: s for s in iter_image_samples(out)}
+    assert sorted(samples) == sorted(f"{r.prompt_id}-{i:04d}" for r in rows for i in range(6))
+    assert all(samples[k].files["png"] == png for k, png in before.items())  # kept as they were
+    assert samples["p0001-a0001-0005"].meta["seed"] == image_seed(0, "p0001-a0001", 5)
+    have = {p: sorted(d.indices) for p, d in prompt_records(out).items()}
+    assert have == {r.prompt_id: list(range(6)) for r in rows}
+    # fewer than a prompt has (a neutral-only run with more images, then this): nothing to do
+    code, stdout, _ = generate_cli("--images-per-prompt", 2)
     assert code == 0 and "6 already done, 0 images" in stdout
     # resuming with other settings would mix two samplers in one folder
     code, _, err = generate_cli("--steps", "3")
@@ -129,3 +149,18 @@ def test_generate_through_lightning_predict_gives_the_same_images(
     assert ours.keys() == loop.keys()
     for key in ours:
         assert np.abs(ours[key].astype(int) - loop[key].astype(int)).max() <= 1
+
+
+def test_settings_compare_local_folders_by_path_and_record_the_vae_dtype(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "images"
+    out.mkdir()
+    record_settings(out, GenerateSettings(tiny_model, steps=2))
+    # the same folder spelled another way (relative, with ./, from another cwd) is the same model
+    monkeypatch.chdir(Path(tiny_model).parent)
+    for spelling in ("model", "./model", "model/", f"{tiny_model}/../model"):
+        check_settings(out, GenerateSettings(spelling, steps=2))
+    with pytest.raises(UserError, match="steps=2"):
+        check_settings(out, GenerateSettings("./model", steps=3))
+    # the VAE's decode dtype changes the images: a resume with another one is refused
+    with pytest.raises(UserError, match="vae_dtype=None, not 'float16'"):
+        check_settings(out, GenerateSettings(tiny_model, steps=2, vae_dtype="float16"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,64 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, problem):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("popalign prompts: error:") and problem in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "problem"),
+    [
+        ("empty.csv", b"", "no 'prompt' column (columns: none)"),
+        ("bin.txt", b"\xff\xfe doctor\n", "not UTF-8 text"),
+        ("bin.csv", b"prompt\na {identity} cook\n\xff\n", "not UTF-8 text"),
+        (
+            "dot.csv",
+            b"prompt_id,prompt\ndoc.1,a photo of a {identity} doctor\n",
+            "dot.csv:2: prompt_id 'doc.1'",
+        ),
+        # an id equal to another prompt's augmented id: the table would hold it twice
+        (
+            "clash.csv",
+            b"prompt_id,prompt\nx,a {identity} doctor\nx-a0000,a {identity} nurse\n",
+            "clash.csv:3",
+        ),
+    ],
+)
+def test_cli_unreadable_files_and_bad_ids(tmp_path, capsys, name, data, problem):
+    (tmp_path / name).write_bytes(data)
+    argv = [
+        "prompts",
+        "--prompts",
+        str(tmp_path / name),
+        "--axes",
+        "gender",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem in err and str(tmp_path / name) in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_table_mode_repeated_axes_folder_out_and_eval_sets(tmp_path, capsys):
+    (tmp_path / "jobs.txt").write_text("doctor\n")
+    argv = ["prompts", "--prompts", str(tmp_path / "jobs.txt")]
+    umask = os.umask(0o022)
+    try:
+        assert main([*argv, "--axes", "gender", "--axes", "race", "--out", str(tmp_path / "t.jsonl")]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "t.jsonl").stat().st_mode & 0o777 == 0o644  # readable by others, like every output
+    assert "1 neutral prompts x 12 augmented each" in capsys.readouterr().out  # both --axes, crossed
+    (tmp_path / "d").mkdir()
+    assert main([*argv, "--axes", "gender", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d: is a folder" in err
+    assert (
+        main(["prompts", "--prompts", "generic_eval", "--axes", "gender", "--out", str(tmp_path / "e.jsonl")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "generic_eval.txt: an evaluation set" in err
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match="bin.jsonl: not UTF-8 text"):
+        read_prompt_table(tmp_path / "bin.jsonl")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import GEN_FLAGS, run_cli
 
+from popalign.data.axes import load_axes
 from popalign.data.images import ImageShardWriter, encode_image
+from popalign.data.prompts import expand_prompts, write_prompt_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,6 +90,7 @@ def test_bad_image_shards(inputs, tiny_model, oracle, tmp_path, capsys):
         )
     row = json.loads(inputs["labels"].read_text().splitlines()[0])
     with open(inputs["labels"], "a") as f:
+        row = {k: v for k, v in row.items() if k != "image_sha1"}  # a row of an older popalign
         f.write(json.dumps({**row, "key": "p0000-0099"}) + "\n")
     fails(
         build_args(inputs, tiny_model, out),
@@ -146,4 +149,101 @@ def test_model_folder_missing_a_component(inputs, tiny_model, tmp_path, capsys):
         capsys,
         "text_encoder_2",
     )
+    assert not (tmp_path / "g").exists()  # nothing recorded for a model that did not load
     fails(build_args(inputs, str(tmp_path / "no" / "such" / "model"), out), capsys, "model folder not found")
+
+
+def generate_args(model, prompts, out, *extra) -> list:
+    return ["generate", "--model", model, "--prompts", prompts, "--out", out, *GEN_FLAGS, *extra]
+
+
+def test_generate_refuses_images_of_another_prompt_table(generated, tiny_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(generated, images)
+    # the same ids (p0000, p0000-a0000, ...) for other prompts
+    rows = expand_prompts(
+        ["a photo of a {identity} engineer", "a photo of a {identity} nurse"], load_axes(["gender"])
+    )
+    other = write_prompt_table(rows, tmp_path / "other.jsonl")
+    needles = (
+        "images-r0-000000.tar",
+        "'p0000'",
+        "'a photo of a doctor'",
+        "'a photo of an engineer'",
+        str(other),
+    )
+    fails(generate_args(tiny_model, other, images), capsys, *needles)
+    # done records of an older popalign (no prompt texts): the shards themselves are read
+    done = images / "done-r0.jsonl"
+    records = [json.loads(line) for line in done.read_text().splitlines()]
+    done.write_text("".join(json.dumps({k: r[k] for k in ("shard", "prompt_ids")}) + "\n" for r in records))
+    fails(generate_args(tiny_model, other, images), capsys, *needles)
+    assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in generated.iterdir())
+
+
+def test_generate_flags_and_folders_fail_before_anything_is_written(table, tiny_model, tmp_path, capsys):
+    out = tmp_path / "images"
+    fails(generate_args(tmp_path / "modle", table, out), capsys, "modle", "model folder not found")
+    assert not out.exists()  # no generate.json recording the typo: the corrected command just runs
+    for flag in ("--batch-size", "--shard-size", "--devices", "--num-nodes"):
+        fails(generate_args(tiny_model, table, out, flag, 0), capsys, f"{flag} must be >= 1, got 0")
+    assert not out.exists()
+    (tmp_path / "afile").write_text("x")
+    fails(generate_args(tiny_model, table, tmp_path / "afile"), capsys, "afile", "not a folder")
+
+
+def test_build_refuses_images_of_another_prompt_table(inputs, tiny_model, tmp_path, capsys):
+    rows = expand_prompts(
+        ["a photo of a {identity} engineer", "a photo of a {identity} nurse"], load_axes(["gender"])
+    )
+    write_prompt_table(rows, inputs["prompts"])  # the same ids for other prompts
+    out = tmp_path / "shards"
+    fails(
+        build_args(inputs, tiny_model, out),
+        capsys,
+        "images-r0-000000.tar: sample 'p0000-0000'",
+        "'p0000'",
+        "'a photo of a doctor'",
+        "'a photo of an engineer'",
+        str(inputs["prompts"]),
+    )
+    assert nothing_built(out)
+
+
+def test_build_keeps_previous_shards_and_refuses_foreign_ones(inputs, tiny_model, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run_cli(build_args(inputs, tiny_model, out), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "shard-000000.tar" in before and "summary.json" in before
+    # a run that builds nothing fails and leaves the good shards as they were
+    fails([*build_args(inputs, tiny_model, out), "--population-size", 100], capsys, "no group could be built")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # shards no build wrote (another tool's, or a copy) are not deleted but refused
+    (out / "shard-000007.tar").write_bytes(b"someone else's shard")
+    fails([*build_args(inputs, tiny_model, out), "--seed", 1], capsys, "shard-000007.tar", "did not write")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "shard-000000.tar").write_bytes(b"someone else's shard")
+    fails(build_args(inputs, tiny_model, foreign), capsys, "shard-000000.tar", "did not write")
+    assert (foreign / "shard-000000.tar").read_bytes() == b"someone else's shard"
+    # missing labels: one line, not a traceback
+    inputs["labels"].unlink()
+    fails(build_args(inputs, tiny_model, tmp_path / "o1"), capsys, str(inputs["labels"]), "cannot read")
+
+
+def test_build_help_shows_no_default_for_an_off_switch(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["build", "--help"], capsys)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-source-embeds" in text and "(default: True)" not in text
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(table, tiny_model, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("popalign.data.generate.load_pipeline", interrupted)
+    code, _, err = run_cli(generate_args(tiny_model, table, tmp_path / "g"), capsys)
+    assert (
+        code == 130 and err.strip() == "popalign generate: interrupted; run the same command again to resume"
+    )

@@ -4,7 +4,9 @@ For every neutral prompt, each group pairs a preferred population (K images of i
 prompts whose labels agree with the prompt, balanced to the axes' joint target distribution) with a
 dispreferred population (K images of the neutral prompt), both captioned with the neutral prompt
 and encoded with the model's two text encoders. Writes OUT/shard-NNNNNN.tar (docs/shards.md) and
-OUT/summary.json. Re-running with unchanged inputs does nothing. See docs/pipeline.md.
+OUT/summary.json, replacing the previous shards only once the new ones are complete (a run that
+builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing. See
+docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--axes",
         nargs="+",
+        action="extend",
         default=S,
         metavar="AXIS",
         help="axes to balance, by shipped name or YAML path (default: the axes named in the prompt table)",
@@ -73,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-source-embeds",
         dest="source_embeds",
         action="store_false",
+        default=S,  # the help would otherwise say "(default: True)" of a flag that turns it off
         help="do not store the preferred members' own (identity-specific) caption embeddings; "
         "smaller shards, but training cannot use preservation_weight",
     )
@@ -88,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     from popalign.errors import UserError
 
     settings = BuildSettings(
-        args.population_size, args.groups_per_prompt, args.seed, args.shard_size, args.source_embeds
+        args.population_size,
+        args.groups_per_prompt,
+        args.seed,
+        args.shard_size,
+        getattr(args, "source_embeds", True),
     )
     axes = load_axes(args.axes) if hasattr(args, "axes") else None  # absent (SUPPRESS) unless given
     summary = build_populations(
@@ -97,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(format_summary(summary))
     if summary["groups_written"] == 0:
-        raise UserError(f"{args.out}: no group could be built (see the skipped prompts above)")
+        raise UserError(
+            f"{args.out}: no group could be built (see the skipped prompts above); left unchanged"
+        )
     return 0

@@ -3,7 +3,8 @@
 Writes webdataset shards OUT/images-r{rank}-{index:06d}.tar: per image a png/jpg, latent.npy (the
 pipeline's final latents in the UNet's scaled space, float16) and json (prompt, classes, seed,
 settings). Finished prompts are recorded in OUT/done-r{rank}.jsonl: re-running the command skips
-them, so an interrupted run resumes. With --devices N > 1, Lightning splits the prompts over N
+them, so an interrupted run resumes, and a larger --images-per-prompt samples only the missing
+images. An OUT holding images of another prompt table (same ids, other prompts) is refused. With --devices N > 1, Lightning splits the prompts over N
 devices (and --num-nodes machines); each rank writes its own shards. See docs/pipeline.md.
 """
 
@@ -118,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
     report = generate(
         rows, settings, args.out, batch_size=args.batch_size, shard_size=args.shard_size, devices=args.devices,
         num_nodes=args.num_nodes, accelerator=args.accelerator, vae_dtype=opt("vae_dtype"), progress=not args.no_progress,
+        table=args.prompts,
     )  # fmt: skip
     rate = report["images"] / report["seconds"] if report["seconds"] else 0.0
+    topped = f" ({report['topped_up']} topped up to {args.images_per_prompt})" if report["topped_up"] else ""
     print(
         f"{report['prompts']} prompts: {report['already_done']} already done, {report['images']} images "
-        f"generated in {report['seconds']:.1f} s ({rate:.2f} images/s) -> {args.out}"
+        f"generated{topped} in {report['seconds']:.1f} s ({rate:.2f} images/s) -> {args.out}"
     )
     return 0

@@ -5,7 +5,8 @@ Writes a JSONL table, one row per image: key, prompt_id, shard, labels (axis -> 
 probability per class, when the classifier gives them). Classifiers: 'clip' (zero-shot CLIP, for
 photos; --classifier-model openai/clip-vit-large-patch14), 'world' (the synthetic world's exact
 rule), or package.module:ClassName for your own popalign.data.classifiers.AttributeClassifier.
-Re-running keeps existing rows and labels only new images. See docs/pipeline.md.
+Re-running keeps the rows of images that are unchanged and labels only the others; a re-run with
+another classifier, other options or other axes is refused (use another --out). See docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         default=S,
         nargs="+",
+        action="extend",
         metavar="AXIS",
         help="axes to label, by shipped name (gender, race, age, couple) or YAML path",
     )
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--classifier-model",
         default=S,
         metavar="MODEL",
-        help="model for the classifier, e.g. openai/clip-vit-large-patch14 for clip",
+        help="model for the classifier, passed as model= (required for clip: e.g. openai/clip-vit-large-patch14)",
     )
     parser.add_argument(
         "--classifier-option",
@@ -53,9 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="extra constructor argument, value parsed as YAML (repeatable), e.g. no_person_threshold=0.6",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per classifier call")
     parser.add_argument(
-        "--device", default=S, help="device for the clip classifier (default: cuda when available)"
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per classifier call (clip also splits each call into its own batch_size option, 32)",
+    )
+    parser.add_argument(
+        "--device",
+        default=S,
+        help="passed to the classifier as device= (clip: default cuda when available; world takes none)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,14 +87,23 @@ def run(args: argparse.Namespace) -> int:
     for flag, key in (("classifier_model", "model"), ("device", "device")):
         if hasattr(args, flag):  # optional flags are absent (SUPPRESS) unless given
             options[key] = getattr(args, flag)
+    if args.classifier == "clip" and "model" not in options:
+        raise UserError("--classifier clip needs --classifier-model (e.g. openai/clip-vit-large-patch14)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     image_shards(args.images)  # fail on a wrong folder before loading a model
     classifier = get_classifier(args.classifier, load_axes(args.axes), **options)
+    # what makes the labels: recorded in each row, so that a re-run cannot mix two classifiers
+    same = {k: v for k, v in sorted(options.items()) if k not in ("device", "batch_size")}
+    ident = args.classifier + (f"({', '.join(f'{k}={v}' for k, v in same.items())})" if same else "")
     report = label_images(
-        args.images, classifier, args.out, batch_size=args.batch_size, progress=not args.no_progress
-    )
+        args.images, classifier, args.out, batch_size=args.batch_size, progress=not args.no_progress,
+        classifier_id=ident,
+    )  # fmt: skip
     unknown = ", ".join(f"{k} {v}" for k, v in report["unknown"].items())
+    again = f" ({report['relabelled']} of changed images)" if report["relabelled"] else ""
     print(
-        f"{report['images']} images: {report['labelled']} labelled, {report['already_labelled']} already labelled; "
-        f"unknown among new: {unknown} -> {args.out}"
+        f"{report['images']} images: {report['labelled']} labelled{again}, {report['already_labelled']} already "
+        f"labelled; unknown among new: {unknown} -> {args.out}"
     )
     return 0

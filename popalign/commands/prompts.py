@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--axes",
         nargs="+",
+        action="extend",
         default=argparse.SUPPRESS,
         metavar="AXIS",
-        help="bias axes to cross, by shipped name (see --list-axes) or YAML path",
+        help="bias axes to cross, by shipped name (see --list-axes) or YAML path (repeatable)",
     )
     parser.add_argument(
         "--axes-file",
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from popalign.data.axes import Intersection, load_axes, shipped_axes
     from popalign.data.prompts import (
+        EVAL_ONLY,
+        PROMPTS_DIR,
         expand_prompts,
         read_neutral_prompts,
         resolve_prompt_file,
@@ -84,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no axes: pass --axes (e.g. --axes gender race) or --axes-file")
     axes = load_axes(axis_items)
     path = resolve_prompt_file(prompts)
+    if path.resolve().parent == PROMPTS_DIR and path.stem in EVAL_ONLY:
+        raise UserError(
+            f"{path}: an evaluation set for popalign evaluate (full prompts), not neutral prompts with "
+            "an identity slot; use occupations_train, occupations_eval or couples"
+        )
     # the default template is harmless with a CSV; any other one would be silently unused
     is_csv = path.suffix.lower() == ".csv"
     template = None if is_csv and args.template == DEFAULT_TEMPLATE else args.template

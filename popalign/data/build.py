@@ -94,7 +94,13 @@ class _Image:
 
 
 def _fingerprint(paths: Sequence[Path], **extra: Any) -> str:
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    stats = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError as err:
+            raise UserError(f"{p}: cannot read ({err.strerror or err})") from None
+        stats.append((str(p), st.st_size, st.st_mtime_ns))
     return hashlib.sha256(json.dumps([stats, extra], sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -109,6 +115,29 @@ def _vae_geometry(source: str) -> tuple[int, int]:
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
+def _check_source(s: Any, row: PromptRow, prompts: Path) -> None:
+    """``UserError`` when an image was sampled from another prompt (or classes) than its table row:
+    prompt ids are positional, so images of another prompt table carry the same ids."""
+    for field, stored, table_value in (
+        ("prompt", s.meta["prompt"], row.prompt),
+        ("classes", s.meta.get("classes", row.classes), row.classes),
+    ):
+        if stored != table_value:
+            raise UserError(
+                f"{s.where}: prompt_id {s.prompt_id!r} was generated from {field} {stored!r}, but {prompts} "
+                f"says {table_value!r} (images of another prompt table: generate it into another folder)"
+            )
+
+
+def _foreign_shards(out: Path, previous: dict) -> list[str]:
+    """``shard-*.tar`` in ``out`` that no earlier build wrote (a build cut off while moving its
+    shards in leaves ``out/.partial``: then every shard counts as its own)."""
+    if (out / ".partial").is_dir():
+        return []
+    ours = set(previous.get("shards", [])) if isinstance(previous.get("shards"), list) else set()
+    return sorted(p.name for p in out.glob("shard-*.tar") if p.name not in ours)
+
+
 def _index_images(
     images: Path, labels: Path, prompts: Path, label_rows: dict, table: dict, geometry: tuple
 ) -> dict:
@@ -118,6 +147,7 @@ def _index_images(
     for s in iter_image_samples(images):
         if s.prompt_id not in table:
             raise UserError(f"{s.where}: prompt_id {s.prompt_id!r} is not in {prompts}")
+        _check_source(s, table[s.prompt_id], prompts)
         row = label_rows.get(s.key)
         if row is None:
             raise UserError(
@@ -126,6 +156,11 @@ def _index_images(
         if row["prompt_id"] != s.prompt_id:
             raise UserError(
                 f"{labels}: label of {s.key!r} is for prompt {row['prompt_id']!r}, the image's is {s.prompt_id!r}"
+            )
+        if row.get("image_sha1", s.digest) != s.digest:
+            raise UserError(
+                f"{labels}: label of {s.key!r} is of another image than {s.where} "
+                "(the images changed since labelling: re-run popalign label)"
             )
         hw = s.image_size()
         if hw != (s.meta["height"], s.meta["width"]) or (size is not None and hw != size):
@@ -223,7 +258,13 @@ def build_populations(
     vae: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Build population shards in ``out`` and return the summary (also written to ``out/summary.json``)."""
+    """Build population shards in ``out`` and return the summary (also written to ``out/summary.json``).
+
+    The previous shards are replaced only once the new ones are complete; when no group can be
+    built, ``out`` is left as it is and the summary (``groups_written`` 0) only returned. ``UserError``
+    when an image's prompt differs from its table row (images of another prompt table), or when
+    ``out`` holds ``shard-*.tar`` that no earlier build wrote.
+    """
     from popalign.data.schema import PopulationGroup
     from popalign.data.shards import PopulationShardWriter
 
@@ -251,6 +292,12 @@ def build_populations(
         previous = {}  # unreadable: rebuild
     if previous.get("inputs") == inputs and all((out / n).is_file() for n in previous.get("shards", [])):
         return {**previous, "up_to_date": True}
+    foreign = _foreign_shards(out, previous)
+    if foreign:
+        raise UserError(
+            f"{out / foreign[0]}: {len(foreign)} shard(s) in {out} that popalign build did not write "
+            f"(no {old.name} lists them); use another --out or remove them"
+        )
 
     label_rows = read_labels(labels, axes)
     index = _index_images(
@@ -265,6 +312,8 @@ def build_populations(
     }  # fmt: skip
     plan = _plan(rows, index["by_prompt"], joint, s, summary)
     summary["prompts"]["built"] = len({item[0].prompt_id for item in plan})
+    if not plan:  # nothing to replace the previous shards with: leave OUT as it is
+        return {**summary, "shards": [], "counts": _count(plan, joint)}
 
     captions = list(dict.fromkeys(item[0].prompt for item in plan))
     if s.source_embeds:
@@ -314,18 +363,20 @@ def build_populations(
                 source_prompt_embeds=embeds[rows] if sources else None,
                 source_pooled_prompt_embeds=pooled[rows] if sources else None,
             ))  # fmt: skip
-    old.unlink(missing_ok=True)  # from here until the new summary, the folder is visibly incomplete
+    # from here until the new summary, the folder is visibly incomplete (and .partial marks the
+    # shards in it as this build's, should it be cut off)
+    old.unlink(missing_ok=True)
     for stale in out.glob("shard-*.tar"):
-        stale.unlink()
+        stale.unlink()  # all ours: _foreign_shards found none
     names = []
     for path in writer.paths:
         names.append(Path(path).name)
         os.replace(path, out / names[-1])
-    shutil.rmtree(staging, ignore_errors=True)
     summary.update(groups_written=len(plan), shards=names, counts=_count(plan, joint), inputs=inputs)
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, old)
+    shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 

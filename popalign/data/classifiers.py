@@ -233,7 +233,9 @@ def get_classifier(name: str, axes: Sequence[BiasAxis], **kwargs: Any) -> Attrib
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise UserError(f"classifier {name!r}: cannot import ({err})") from None
+            raise UserError(
+                f"classifier {name!r}: cannot import ({err}; is the module's folder on PYTHONPATH?)"
+            ) from None
         if not (isinstance(cls, type) and issubclass(cls, AttributeClassifier)):
             raise UserError(
                 f"classifier {name!r} is not a subclass of popalign.data.classifiers.AttributeClassifier"

@@ -45,15 +45,24 @@ class ImageShardWriter:
     """Writes whole prompts into ``DIR/images-r{rank}-{index:06d}.tar`` (temp name, then renamed).
 
     A shard is closed only between prompts, once it holds ``maxcount`` images or more; its prompt
-    ids are then appended to ``DIR/done-r{rank}.jsonl``. A new writer removes this rank's unfinished
-    ``.tar.tmp`` and numbers its shards after the existing ones.
+    ids, with each prompt's text and image indices, are then appended to ``DIR/done-r{rank}.jsonl``.
+    A new writer removes this rank's unfinished ``.tar.tmp`` (rank 0 with ``world_size`` also those
+    of ranks >= ``world_size``, left by an earlier run on more devices) and numbers its shards after
+    the existing ones.
     """
 
-    def __init__(self, directory: str | Path, rank: int = 0, maxcount: int = 1000) -> None:
-        self.directory, self.rank, self.maxcount = Path(directory), rank, max(1, maxcount)
+    def __init__(
+        self, directory: str | Path, rank: int = 0, maxcount: int = 1000, world_size: int | None = None
+    ) -> None:
+        if maxcount < 1:
+            raise UserError(f"--shard-size must be >= 1, got {maxcount}")
+        self.directory, self.rank, self.maxcount = Path(directory), rank, maxcount
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(f"images-r{rank}-*.tar.tmp"):
-            stale.unlink()  # an interrupted run's unfinished shard
+        for stale in self.directory.glob("images-r*-*.tar.tmp"):
+            m = re.fullmatch(r"images-r(\d+)-\d+\.tar\.tmp", stale.name)
+            owner = int(m[1]) if m else -1
+            if owner == rank or (rank == 0 and world_size is not None and owner >= world_size):
+                stale.unlink(missing_ok=True)  # an interrupted run's unfinished shard
         used = [
             int(m[2])
             for p in self.directory.iterdir()
@@ -64,6 +73,8 @@ class ImageShardWriter:
         self._file: Any = None
         self._tar: Any = None
         self._prompts: list[str] = []
+        self._images: dict[str, list[int]] = {}
+        self._texts: dict[str, str] = {}
         self._count = 0
 
     def __enter__(self) -> ImageShardWriter:
@@ -84,6 +95,12 @@ class ImageShardWriter:
             self._tar = TarWriter(self._file, encoder=False, mtime=0.0)
         for item in samples:
             self._tar.write(item)
+            index = split_key(item["__key__"])[1]
+            if index is not None:
+                self._images.setdefault(prompt_id, []).append(index)
+            text = _sample_prompt(item.get("json"))
+            if text is not None:
+                self._texts.setdefault(prompt_id, text)
         self._prompts.append(prompt_id)
         self._count += len(samples)
         if self._count >= self.maxcount:
@@ -110,12 +127,14 @@ class ImageShardWriter:
         final = self._name()
         os.replace(f"{final}.tmp", final)
         with open(self.directory / f"done-r{self.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"shard": final.name, "prompt_ids": self._prompts}) + "\n")
+            record = {"shard": final.name, "prompt_ids": self._prompts}
+            record.update(images=self._images, prompts=self._texts)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.paths.append(str(final))
         self._file = self._tar = None
-        self._prompts, self._count = [], 0
+        self._prompts, self._images, self._texts, self._count = [], {}, {}, 0
         self.index += 1
 
 
@@ -130,32 +149,110 @@ def image_shards(directory: str | Path) -> list[Path]:
     return shards
 
 
-def completed_prompts(directory: str | Path) -> set[str]:
-    """Prompt ids whose images are in a complete shard (from the done records, and from any shard
-    renamed into place whose record a crash prevented)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return set()
-    done: set[str] = set()
-    recorded: set[str] = set()
+def split_key(key: str) -> tuple[str, int | None]:
+    """``("p0003-a0001", 2)`` for the sample key (or tar member name) ``p0003-a0001-0002[.png]``."""
+    stem = key.split(".", 1)[0]
+    prompt_id, _, index = stem.rpartition("-")
+    return (prompt_id, int(index)) if prompt_id and index.isdigit() else (stem, None)
+
+
+def _sample_prompt(data: Any) -> str | None:
+    """The ``prompt`` of a sample's json bytes, or None."""
+    try:
+        meta = json.loads(data.decode("utf-8")) if isinstance(data, bytes) else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    text = meta.get("prompt") if isinstance(meta, dict) else None
+    return text if isinstance(text, str) else None
+
+
+@dataclass
+class DonePrompt:
+    """What a folder holds of one prompt: its images' indices, the prompt text they were sampled
+    from (None when unknown) and the shard where that text was first seen."""
+
+    indices: set[int]
+    prompt: str | None
+    shard: str
+
+
+def _scan_shard(shard: Path) -> dict[str, tuple[list[int], str | None]]:
+    """prompt_id -> (image indices, prompt text) read from a complete shard's member names and json."""
+    found: dict[str, tuple[list[int], str | None]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                prompt_id, index = split_key(member.name)
+                indices, text = found.get(prompt_id, ([], None))
+                if index is not None and member.name.endswith(".json") and text is None:
+                    handle = tar.extractfile(member)
+                    text = _sample_prompt(handle.read()) if handle is not None else None
+                if index is not None and index not in indices:
+                    indices.append(index)
+                found[prompt_id] = (indices, text)
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(
+            f"{shard}: unreadable image shard ({err}); delete it to regenerate its prompts"
+        ) from None
+    return found
+
+
+def _done_records(d: Path) -> dict[str, dict]:
+    """shard name -> its done record (a line cut short by a crash is skipped)."""
+    records: dict[str, dict] = {}
     for path in sorted(d.glob("done-r*.jsonl")):
-        for line in path.read_text().splitlines():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: unreadable done record ({err})") from None
+        for line in lines:
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
             if isinstance(rec, dict) and (d / str(rec.get("shard"))).is_file():
-                recorded.add(rec["shard"])
-                done.update(rec.get("prompt_ids", []))
-    for shard in (p for p in d.iterdir() if SHARD_RE.fullmatch(p.name) and p.name not in recorded):
-        try:
-            with tarfile.open(shard) as tar:
-                done.update(n.split(".", 1)[0].rsplit("-", 1)[0] for n in tar.getnames())
-        except (tarfile.TarError, OSError) as err:
-            raise UserError(
-                f"{shard}: unreadable image shard ({err}); delete it to regenerate its prompts"
-            ) from None
+                records[str(rec["shard"])] = rec
+    return records
+
+
+def prompt_records(directory: str | Path) -> dict[str, DonePrompt]:
+    """prompt_id -> :class:`DonePrompt` for every prompt with images in a complete shard.
+
+    Read from the done records; a shard without a record (a crash cut it off) or with an old one
+    (no indices or prompt text) is read itself. ``UserError`` when two shards hold the same prompt
+    id sampled from different texts (the folder mixes two prompt tables).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return {}
+    records = _done_records(d)
+    done: dict[str, DonePrompt] = {}
+    for shard in sorted(p for p in d.iterdir() if SHARD_RE.fullmatch(p.name)):
+        rec = records.get(shard.name, {})
+        if isinstance(rec.get("images"), dict) and isinstance(rec.get("prompts"), dict):
+            found = {
+                pid: (rec["images"].get(pid, []), rec["prompts"].get(pid))
+                for pid in rec.get("prompt_ids", [])
+            }
+        else:
+            found = _scan_shard(shard)
+        for prompt_id, (indices, text) in found.items():
+            entry = done.setdefault(prompt_id, DonePrompt(set(), text, shard.name))
+            if entry.prompt is None:
+                entry.prompt, entry.shard = text, shard.name
+            elif text is not None and text != entry.prompt:
+                raise UserError(
+                    f"{shard}: prompt_id {prompt_id!r} holds images of {text!r}, but {entry.shard} "
+                    f"holds images of {entry.prompt!r} (the folder mixes two prompt tables)"
+                )
+            entry.indices.update(int(i) for i in indices)
     return done
+
+
+def completed_prompts(directory: str | Path) -> set[str]:
+    """Prompt ids whose images are in a complete shard (from the done records, and from any shard
+    renamed into place whose record a crash prevented)."""
+    return set(prompt_records(directory))
 
 
 @dataclass
@@ -174,6 +271,14 @@ class ImageSample:
     @property
     def where(self) -> str:
         return f"{self.shard}: sample {self.key!r}"
+
+    @property
+    def digest(self) -> str:
+        """SHA-1 of the stored image file: tells this image from another one under the same key."""
+        import hashlib
+
+        data = next((self.files[e] for e in ("png", "jpg", "jpeg") if e in self.files), b"")
+        return hashlib.sha1(data).hexdigest()
 
     def _open(self) -> Any:
         from PIL import Image, UnidentifiedImageError

@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +23,13 @@ from popalign.errors import UserError
 
 DEFAULT_TEMPLATE = "a photo of a {subject}"
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+EVAL_ONLY = ("generic_eval", "specific_eval")  # shipped sets of full prompts, for evaluation only
 IDENTITY = "identity"
 ROW_KEYS = ("prompt_id", "neutral_id", "kind", "neutral", "prompt", "classes", "template")
 KINDS = ("neutral", "augmented")
 
 _SLOT = re.compile(r"\{([^{}]*)\}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # as popalign.data.images.KEY_RE: ids become tar keys
 _MARK = "\x00"  # stands before each filled slot so the article fix touches only slot neighbours
 _ARTICLE = re.compile(r"(?<![\w'-])([Aa]n?)\s+\x00[\s\x00]*([^\W\d_][\w'-]*)")
 _A_BEFORE = ("eu", "uni", "use", "usu", "uti", "ura", "uro", "one", "once")  # vowel letter, 'y'/'w' sound
@@ -89,12 +90,18 @@ def _finish(text: str, fix_articles: bool) -> str:
     return re.sub(r" ([,.;:!?])", r"\1", text)
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    return f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+
+
 def _numbered_lines(path: Path) -> list[tuple[int, str]]:
     """Non-empty lines with ``#`` comments removed, with their 1-based line numbers."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(_not_utf8(path, err)) from None
     out = [(i, line.split("#", 1)[0].strip()) for i, line in enumerate(lines, 1)]
     return [(i, text) for i, text in out if text]
 
@@ -130,13 +137,24 @@ def _open_csv(path: Path, required: str = "prompt") -> tuple[csv.DictReader, Any
         handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
-    reader = csv.DictReader(handle)
-    if required not in (reader.fieldnames or []):
+    reader = csv.DictReader(_utf8_lines(handle, path))
+    try:
+        columns = list(reader.fieldnames or [])
+    except BaseException:
         handle.close()
-        raise UserError(
-            f"{path}: no '{required}' column (columns: {', '.join(reader.fieldnames or []) or 'none'})"
-        )
+        raise
+    if required not in columns:
+        handle.close()
+        raise UserError(f"{path}: no '{required}' column (columns: {', '.join(columns) or 'none'})")
     return reader, handle
+
+
+def _utf8_lines(handle: Any, path: Path) -> Any:
+    """The lines of a text handle; a byte that is not UTF-8 is a ``UserError`` naming the file."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as err:
+        raise UserError(_not_utf8(path, err)) from None
 
 
 def read_neutral_prompts(
@@ -165,6 +183,10 @@ def read_neutral_prompts(
                 if not _SLOT.search(text):
                     raise UserError(f"{where}: prompt {text!r} has no {{{IDENTITY}}} placeholder")
                 pid = (row.get("prompt_id") or "").strip() or f"p{len(prompts):04d}"
+                if not _ID.fullmatch(pid):
+                    raise UserError(
+                        f"{where}: prompt_id {pid!r}: use letters, digits, '_' and '-' only (it becomes a tar key)"
+                    )
                 prompts.append(NeutralPrompt(pid, text, where))
     else:
         template = DEFAULT_TEMPLATE if template is None else template
@@ -204,6 +226,7 @@ def expand_prompts(
         slots.setdefault(axis.placeholder, []).append(axis)
     neutral_fills = {s: " ".join(a.neutral for a in members if a.neutral) for s, members in slots.items()}
     rows: list[PromptRow] = []
+    made: dict[str, str] = {}  # prompt id -> where its neutral prompt comes from
     for i, item in enumerate(neutral_prompts):
         np_ = item if isinstance(item, NeutralPrompt) else NeutralPrompt(f"p{i:04d}", item, f"prompt {i}")
         used = set(_SLOT.findall(np_.template))
@@ -229,21 +252,37 @@ def expand_prompts(
             prompt = render(np_.template, fills, fix_articles)
             aug_id = f"{np_.prompt_id}-a{j:04d}"
             rows.append(PromptRow(aug_id, np_.prompt_id, "augmented", neutral, prompt, classes, np_.template))
+        for row in rows[len(rows) - 1 - len(joint.combos) :]:
+            if row.prompt_id in made:
+                raise UserError(
+                    f"{np_.source}: prompt_id {row.prompt_id!r} is also the id of a prompt of {made[row.prompt_id]}"
+                    " (augmented prompts get <id>-aNNNN): choose another prompt_id"
+                )
+            made[row.prompt_id] = np_.source
     return rows
 
 
 def write_prompt_table(rows: Iterable[PromptRow], path: str | Path) -> Path:
-    """Write rows as JSONL, via a temporary file renamed into place (readers never see half a file)."""
+    """Write rows as JSONL, via a temporary file renamed into place (readers never see half a file).
+
+    The file gets the usual mode (0666 less the umask, like every other output); ``UserError`` when
+    ``path`` is a folder or cannot be written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder (--out takes the prompt table file to write)")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:  # not mkstemp: that makes the file 0600
             for row in rows:
                 f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -257,6 +296,8 @@ def read_prompt_table(path: str | Path) -> list[PromptRow]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UserError(f"{path}: cannot read prompt table ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(_not_utf8(path, err)) from None
     for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
