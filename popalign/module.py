@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -22,6 +23,8 @@ from popalign.models.loading import (
     parse_dtype,
 )
 from popalign.objectives import Objective, ObjectiveOutput, PopAlignLoss
+
+log = logging.getLogger(__name__)
 
 
 class PopAlignModule(L.LightningModule):
@@ -95,7 +98,9 @@ class PopAlignModule(L.LightningModule):
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_steps = max_nonfinite_steps
         if preservation_weight < 0:
-            raise ValueError(f"preservation_weight must be >= 0, got {preservation_weight}")
+            raise UserError(f"model: preservation_weight must be >= 0, got {preservation_weight}")
+        if lora_rank is not None and lora_rank < 1:
+            raise UserError(f"model: lora_rank must be >= 1 (or null for full fine-tuning), got {lora_rank}")
         self.preservation_weight = float(preservation_weight)
         self.needs_reference = self.objective.needs_reference or self.preservation_weight > 0
 
@@ -105,9 +110,10 @@ class PopAlignModule(L.LightningModule):
         self.noise_scheduler = load_noise_scheduler(pretrained_model)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            raise UserError(
+                f"model: prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
+        self._batch_checked = False
         # float32 always, so not a buffer: precision plugins cast float buffers (FSDP's bf16
         # MixedPrecision, bf16-true), and in bf16 1 - alpha_bar rounds to 0 at the first timesteps
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.clone().float()
@@ -224,7 +230,39 @@ class PopAlignModule(L.LightningModule):
         metrics = {**out.metrics, "preservation": keep.detach()}
         return ObjectiveOutput(loss=out.loss + self.preservation_weight * keep, metrics=metrics)
 
+    def check_batch_fits(self, batch: dict) -> None:
+        """Refuse, once, a batch whose shapes the UNet cannot take (shards built for another model):
+        one line naming the groups and the mismatch instead of a matmul error deep inside the UNet."""
+        if self._batch_checked:
+            return
+        config = self.policy.config
+        latents, embeds = batch["latents"], batch["prompt_embeds"]
+        problems = []
+        if latents.shape[1] != config.in_channels:
+            problems.append(f"latents have {latents.shape[1]} channels, the UNet takes {config.in_channels}")
+        if embeds.shape[-1] != config.cross_attention_dim:
+            problems.append(
+                f"prompt_embeds are {list(embeds.shape[1:])}, the UNet's cross_attention_dim is "
+                f"{config.cross_attention_dim}"
+            )
+        if config.get("addition_embed_type") == "text_time":
+            pooled, time_ids = batch["pooled_prompt_embeds"].shape[-1], batch["time_ids"].shape[-1]
+            got = pooled + time_ids * config.addition_time_embed_dim
+            if got != config.projection_class_embeddings_input_dim:
+                problems.append(
+                    f"pooled_prompt_embeds [{pooled}] and time_ids [{time_ids}] give {got} added-condition "
+                    f"inputs, the UNet takes {config.projection_class_embeddings_input_dim}"
+                )
+        if problems:
+            keys = batch.get("keys") or []
+            raise UserError(
+                f"data: groups {', '.join(map(str, keys[:3]))}{' ...' if len(keys) > 3 else ''} do not fit "
+                f"{self.hparams.pretrained_model}: {'; '.join(problems)} (shards built with another model?)"
+            )
+        self._batch_checked = True
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.check_batch_fits(batch)
         noise, t = self.noise_and_timesteps(batch["latents"])
         out = self.compute_objective(batch, noise, t)
         n = batch["latents"].shape[0]
@@ -233,6 +271,7 @@ class PopAlignModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.check_batch_fits(batch)
         # fixed noise per batch index, so validation curves compare the same draws across epochs
         g = torch.Generator(device=batch["latents"].device).manual_seed(batch_idx)
         noise, t = self.noise_and_timesteps(batch["latents"], generator=g)
@@ -397,12 +436,56 @@ class PopAlignModule(L.LightningModule):
         checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume under the config given (``train.py`` does not parse the checkpoint's arguments over
+        it): refuse what a run cannot change (the base model, full vs LoRA), log the rest, reload the
+        frozen weights, and start or drop the EMA when ``ema_decay`` was switched."""
+        self._check_resumable(checkpoint)
         state = checkpoint.get("state_dict")
         if state is None:
             return
         current = self.state_dict()
         for key in self._frozen_keys() - set(state):
             state[key] = current[key]  # the freshly loaded pretrained weights, never the policy's
+        saved_ema = {k for k in state if k.startswith("ema.")}
+        if self.ema is None and saved_ema:
+            log.warning("resuming without ema_decay: the checkpoint's moving average is dropped")
+            for key in saved_ema:
+                del state[key]
+        elif self.ema is not None and not saved_ema:
+            log.warning(
+                "resuming with ema_decay %s: the average starts at the checkpoint's weights", self.ema.decay
+            )
+            for i, name in enumerate(self.ema.names):
+                state[f"ema.shadow.{i}"] = state.get(f"policy.{name}", current[f"policy.{name}"]).float()
+
+    def _check_resumable(self, checkpoint: dict) -> None:
+        source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        saved = checkpoint.get("hyper_parameters") or {}
+        fingerprint = checkpoint.get(FINGERPRINT_KEY)
+        if fingerprint is not None and fingerprint != self.base_fingerprint:
+            raise UserError(
+                f"{source}: trained from another base model than {self.hparams.pretrained_model} "
+                "(weights or architecture differ); resume with the run's own base"
+            )
+        fixed = ("lora_rank", "lora_alpha", "lora_target_modules")
+
+        def plain(v: Any) -> Any:  # YAML gives lists where the signature says tuple
+            return tuple(v) if isinstance(v, list) else v
+
+        changed = {
+            k: (saved[k], self.hparams[k])
+            for k in saved
+            if k in self.hparams and plain(saved[k]) != plain(self.hparams[k])
+        }
+        for key in fixed:
+            if key in changed and (key == "lora_rank" or self.lora):
+                was, now = changed[key]
+                raise UserError(
+                    f"{source}: trained with {key}={was!r}, this run has {now!r}; a resumed run cannot change it"
+                )
+        notes = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changed.items() if k not in fixed]
+        if notes:
+            log.warning("resuming %s with changed settings: %s", source, "; ".join(notes))
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import Logger
 
 from popalign.data.datamodule import PopulationDataModule
 from popalign.distributed import register_strategy
@@ -22,8 +26,56 @@ warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
 
 
+class PopAlignParser(LightningArgumentParser):
+    """Parse errors as a few lines naming the key, without the 50-line usage text before them."""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 - never returns
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        prog = getattr(ex, "subcommand_parser", None) or self
+        prog = prog.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"{prog}: error: {brief_parse_error(message)}\n(`{prog} --help` lists every option)\n"
+        )
+        self.exit(2)
+
+
+def brief_parse_error(message: str) -> str:
+    """jsonargparse's message for a bad key inside a class (``model.init_args...``) is a page listing
+    every union subtype tried; the lines that say which option was refused are what a user needs."""
+    refused = [line.strip() for line in message.splitlines() if "is not accepted" in line]
+    if not refused:
+        return message.strip()
+    key = message.splitlines()[0].strip().rstrip(":")
+    return f"{key}: {'; '.join(dict.fromkeys(refused))}"
+
+
 class PopAlignCLI(LightningCLI):
-    """LightningCLI with popalign's defaults: TensorBoard logs and a `last.ckpt` for resuming."""
+    """LightningCLI with popalign's defaults: TensorBoard logs and a `last.ckpt` for resuming.
+
+    Differences from a plain LightningCLI, each for a reason:
+
+    - the config given wins on resume: LightningCLI would parse the checkpoint's saved model
+      arguments over it, silently dropping a moved ``pretrained_model`` or a new ``ema_decay``;
+      :meth:`PopAlignModule.on_load_checkpoint` refuses the changes a run cannot survive (another
+      base model, full vs LoRA) and logs the others;
+    - one optimizer knob (``model.init_args.optimizer``): no top-level ``--optimizer`` that would
+      replace it unannounced;
+    - a ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the
+      logger, not into the run's ``version_N`` folder, so ``--ckpt_path last`` finds it next time;
+    - ``--ckpt_path`` is checked before anything starts (one line for a missing or broken file).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", PopAlignParser)
+        super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI parses the checkpoint's model arguments over the config here; popalign only
+        # checks the file, so the config given is the one that runs
+        if self.config.get("subcommand"):
+            check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
@@ -45,14 +97,66 @@ class PopAlignCLI(LightningCLI):
             }
         )
 
+    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
+        trainer = super().instantiate_trainer(**kwargs)
+        fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
+        return trainer
+
+
+def fixed_checkpoint_dirs(callbacks: list, logger: Logger | None) -> None:
+    """Give every ``ModelCheckpoint`` without ``dirpath`` the folder ``<save_dir>/<name>/checkpoints``.
+
+    Lightning's default is the logger's ``version_N/checkpoints``; a restarted run gets a new version,
+    so ``--ckpt_path last`` would find nothing there and start from scratch with only a warning.
+    """
+    if logger is None or logger.save_dir is None:
+        return
+    folder = Path(logger.save_dir) / str(logger.name or "") / "checkpoints"
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(folder)
+
+
+_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A local ``--ckpt_path`` must be a checkpoint file (a zip archive) or a sharded checkpoint folder."""
+    if (
+        not ckpt_path
+        or str(ckpt_path) in _CKPT_NAMES
+        or str(ckpt_path).startswith("registry:")
+        or "://" in str(ckpt_path)
+    ):
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found (--ckpt_path)")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive: truncated, or another format)")
+
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
-    """Build the CLI (and run the subcommand); a :class:`UserError` exits 2 with its one-line message."""
+    """Build the CLI (and run the subcommand); a :class:`UserError` exits 2 with its one-line message,
+    also when jsonargparse wrapped it (errors raised while it instantiates the model or data)."""
     try:
         return _build(args, run)
-    except UserError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
+        user_error = _user_error_in(err)
+        if user_error is None:
+            raise
+        print(f"train.py: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_error_in(err: BaseException | None) -> UserError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _build(args: list[str] | None, run: bool) -> PopAlignCLI:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
+from popalign.errors import UserError
 from popalign.models.loading import load_unet
 from popalign.module import PopAlignModule
 from popalign.objectives import PopAlignLoss, SFTLoss
@@ -367,3 +368,16 @@ def test_preservation_needs_source_captions_and_a_reference(tiny_model, batch_fa
     assert _module(tiny_model, objective=SFTLoss(), preservation_weight=1.0).reference is not None
     with pytest.raises(ValueError, match="preservation_weight"):
         _module(tiny_model, preservation_weight=-1.0)
+
+
+def test_a_batch_the_unet_cannot_take_is_one_clear_error(tiny_model, batch_factory):
+    # shards built for another model: a matmul error deep in the UNet would not say which input
+    m = _module(tiny_model)
+    for key, widen in (("prompt_embeds", -1), ("latents", 1), ("pooled_prompt_embeds", -1)):
+        batch = batch_factory(pairs=1)
+        shape = list(batch[key].shape)
+        shape[widen] += 4
+        batch[key] = torch.zeros(shape, dtype=batch[key].dtype)
+        with pytest.raises(UserError, match=rf"do not fit {tiny_model}: .*{key.split('_')[0]}"):
+            m.training_step(batch, 0)
+    m.training_step(batch_factory(pairs=1), 0)  # a fitting batch passes

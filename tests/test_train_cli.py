@@ -50,3 +50,93 @@ def test_bad_shards_path_is_one_line_error(tmp_path, monkeypatch, capsys):
         raise AssertionError("a missing shard folder must stop the run")
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train.py: error:") and "nowhere/shards" in err[-1]
+
+
+def _fails(capsys, args: list[str]) -> list[str]:
+    """Run train.py with ``args``; it must exit 2; returns its stderr lines."""
+    try:
+        cli_main(args)
+    except SystemExit as stop:
+        assert stop.code == 2, capsys.readouterr().err
+    else:
+        raise AssertionError(f"expected exit 2: {args}")
+    return capsys.readouterr().err.strip().splitlines()
+
+
+QUIET = ["--trainer.enable_progress_bar=false"]
+
+
+def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    assert main(["tiny", "--out", "runs/other", "--groups", "2", "--seed", "1"]) == 0
+    cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2", *QUIET])
+    resume = ["fit", "--config", CONFIG, "--ckpt_path=last", *QUIET]
+
+    # a setting switched on at resume is used (LightningCLI would parse the checkpoint's over it)
+    cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
+    assert cli.trainer.global_step == 3 and cli.model.ema is not None
+    ckpt = torch.load(tmp_path / "runs/tiny/checkpoints/last.ckpt", weights_only=True)
+    assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
+    # a moved base with the same weights resumes
+    (tmp_path / "runs/tiny/model").rename(tmp_path / "moved")
+    cli = cli_main([*resume, "--trainer.max_steps=4", "--model.init_args.pretrained_model=moved"])
+    assert cli.trainer.global_step == 4
+
+    err = _fails(
+        capsys, [*resume, "--model.init_args.pretrained_model=moved", "--model.init_args.lora_rank=4"]
+    )
+    assert err[-1].startswith("train.py: error:") and "trained with lora_rank=None, this run has 4" in err[-1]
+    err = _fails(capsys, [*resume, "--model.init_args.pretrained_model=runs/other/model"])
+    assert "trained from another base model than runs/other/model" in err[-1]
+
+
+def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    capsys.readouterr()  # `popalign tiny`'s progress bars
+    fit = ["fit", "--config", CONFIG, *QUIET]
+    for args, message in (
+        (["--model.init_args.preservation_weight=-1"], "preservation_weight must be >= 0"),
+        (["--model.init_args.lora_rank=0"], "lora_rank must be >= 1"),
+        (["--model.init_args.pretrained_model=runs/tiny/shards"], "runs/tiny/shards: no 'unet/' folder"),
+        (["--ckpt_path=nowhere.ckpt"], "nowhere.ckpt: checkpoint not found"),
+        (["--ckpt_path=garbage.ckpt"], "garbage.ckpt: not a PyTorch checkpoint"),
+    ):
+        err = _fails(capsys, fit + args)
+        assert len(err) <= 2 and err[-1].startswith("train.py: error:") and message in err[-1], err
+    # parse errors: the refused key, without the page of usage text before it
+    for args, message in (
+        (["--model.init_args.lr=1e-3"], "Option 'lr' is not accepted"),
+        (["--optimizer=SGD"], "unrecognized arguments: --optimizer"),  # one optimizer knob: the model's
+    ):
+        err = _fails(capsys, fit + args)
+        assert len(err) == 2 and " fit: error: " in err[0] and message in err[0], err
+
+
+def test_a_checkpoint_callback_without_dirpath_resumes_from_last(tmp_path, monkeypatch):
+    # Lightning's default folder is the logger's version_N: a restart (version_N+1) would not find `last`
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    plain = [
+        "--trainer.callbacks=null",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+    ]
+    cli_main(
+        ["fit", "--config", CONFIG, *plain, "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
+    )
+    assert (tmp_path / "runs/tiny/logs/checkpoints/last.ckpt").exists()
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            *plain,
+            "--trainer.max_steps=3",
+            "--ckpt_path=last",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 3  # continued from 2
