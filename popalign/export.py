@@ -95,6 +95,33 @@ def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
         ) from err
 
 
+def _damaged_entry(path: Path) -> str | None:
+    """The first archive entry whose CRC-32 does not match its bytes, if any (reads the whole file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def _check_finite(weights: dict[str, torch.Tensor], ckpt_path: Path) -> None:
+    """:class:`UserError` for a weight holding NaN/inf: a damaged file (named by the entry whose CRC fails)
+    or a run that diverged. ``torch.load`` does not check CRCs, so damage shows up here first."""
+    for name, tensor in weights.items():
+        finite = torch.isfinite(tensor) if tensor.is_floating_point() else None
+        if finite is None or bool(finite.all()):
+            continue
+        bad = int(finite.numel() - finite.sum())
+        damaged = _damaged_entry(ckpt_path)
+        if damaged is not None:
+            raise UserError(
+                f"{ckpt_path}: corrupted (CRC mismatch in {damaged}); {name} reads as {bad} NaN/inf values"
+            )
+        raise UserError(
+            f"{ckpt_path}: {name} holds {bad} NaN/inf values (the run diverged); export an earlier checkpoint"
+        )
+
+
 def _trained_weights(
     ckpt: dict, unet: nn.Module, ckpt_path: Path, base: str, ema: bool
 ) -> dict[str, torch.Tensor]:
@@ -130,6 +157,7 @@ def _trained_weights(
                 f"{ckpt_path}: {name} has shape {tuple(tensor.shape)} but base {base!r} expects "
                 f"{tuple(target[name].shape)}; pass --base with the base it was trained on"
             )
+    _check_finite(weights, ckpt_path)
     return weights
 
 
@@ -198,6 +226,15 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: {parent} is a file, not a folder")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+
+
 def export_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -229,8 +266,7 @@ def export_checkpoint(
     """
     ckpt_path, out = Path(ckpt), Path(out)
     torch_dtype = parse_dtype(dtype)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    _check_out(out, overwrite)
     # read every input before the slow part, so a bad file fails fast
     checkpoint = load_training_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]

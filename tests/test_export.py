@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import zipfile
 
 import lightning as L
@@ -266,6 +267,46 @@ def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as any folder the user makes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_out_below_a_file_is_one_line(full_run, tmp_path, capsys):
+    log = tmp_path / "fit1.log"
+    log.write_text("mine")
+    assert main(["export", str(full_run[1]), "--out", str(log / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"popalign export: error: {log / 'sub'}: {log} is a file, not a folder"
+    assert log.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["fit1.log"]
+
+
+def _damage_every_tensor(src, dst):
+    """A copy of ``src`` whose stored tensor bytes are all 0xff (NaN as floats); the zip's CRCs stay."""
+    shutil.copy(src, dst)
+    with zipfile.ZipFile(dst) as archive:
+        entries = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size]
+    with open(dst, "r+b") as f:
+        for info in entries:
+            f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.write(b"\xff" * info.file_size)
+    return dst
+
+
+def test_damaged_or_diverged_weights_are_not_exported(full_run, tmp_path):
+    out = tmp_path / "out"
+    damaged = _damage_every_tensor(full_run[1], tmp_path / "damaged.ckpt")
+    _refuses(
+        r"corrupted \(CRC mismatch in \S+/data/\S+\); \S+ reads as \d+ NaN", damaged, ckpt=damaged, out=out
+    )
+
+    def diverge(state):  # NaN saved as such: the archive is intact
+        state["state_dict"]["policy.conv_in.weight"][0] = float("nan")
+        state["state_dict"]["ema.shadow.0"][0] = float("inf")
+
+    diverged = _rewrite(full_run[1], tmp_path / "diverged.ckpt", diverge)
+    _refuses(r": conv_in\.weight holds \d+ NaN/inf values", diverged, ckpt=diverged, out=out)
+    _refuses(r"conv_in\.weight holds \d+ NaN/inf", diverged, ckpt=diverged, out=out, ema=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.ckpt", "diverged.ckpt"]
 
 
 def test_failed_write_leaves_no_folder(full_run, tmp_path, monkeypatch):
