@@ -35,6 +35,7 @@ from popalign.models.loading import (
     add_lora,
     base_fingerprint,
     load_unet,
+    looks_like_hub_id,
     parse_dtype,
 )
 
@@ -77,14 +78,42 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _run_folders(ckpt: dict, ckpt_path: Path) -> list[Path]:
+    """Where training may have run, nearest first: the checkpoint folder training recorded (Lightning's
+    ``ModelCheckpoint`` stores it absolute), the checkpoint's folder now, and the ancestors of both."""
+    states = (ckpt.get("callbacks") or {}).values()
+    recorded = [
+        Path(s["dirpath"]) for s in states if isinstance(s, dict) and isinstance(s.get("dirpath"), str)
+    ]
+    folders: list[Path] = []
+    for start in [p for p in recorded if p.is_absolute()] + [ckpt_path.resolve().parent]:
+        folders += [f for f in (start, *start.parents) if f not in folders]
+    return folders
+
+
+def resolve_base(base: str, ckpt: dict, ckpt_path: str | Path) -> str:
+    """The recorded base model as a path or hub id that loads from the current folder.
+
+    ``pretrained_model`` is recorded as it was given, often relative to the folder training ran in
+    (``runs/tiny/model``). A relative path that is not here is looked up under the run's folders (see
+    :func:`_run_folders`); the first that holds it wins. Anything else is returned unchanged.
+    """
+    path = os.path.expanduser(base)
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    found = next((f / path for f in _run_folders(ckpt, Path(ckpt_path)) if (f / path).is_dir()), None)
+    return str(found) if found is not None else base
+
+
 def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
-    local = base.startswith((".", "/", "~")) or os.path.exists(base)
-    if local and not os.path.isdir(os.path.expanduser(base)):
+    path = os.path.expanduser(base)
+    if not os.path.isdir(path) and (os.path.exists(path) or not looks_like_hub_id(base)):
+        problem = "is not a folder" if os.path.exists(path) else "is not found (here or in the run's folders)"
         raise UserError(
-            f"{ckpt_path}: its base model {base} is not found; pass --base with the base it was trained on"
+            f"{ckpt_path}: its base model {base} {problem}; pass --base with the base it was trained on"
         )
     try:
-        return load_unet(os.path.expanduser(base))
+        return load_unet(path)
     except UserError as err:
         raise UserError(
             f"{ckpt_path}: base model: {err}; pass --base with the base it was trained on"
@@ -167,7 +196,7 @@ def rebuild_policy(
     """The trained policy UNet in float32: ``base`` (default: the recorded one) + adapters + trained weights."""
     ckpt_path = Path(ckpt_path)
     hp = ckpt["hyper_parameters"]
-    base = base or hp["pretrained_model"]
+    base = base or resolve_base(hp["pretrained_model"], ckpt, ckpt_path)
     unet = _load_base_unet(base, ckpt_path)
     recorded = ckpt.get(FINGERPRINT_KEY)
     if recorded is not None and recorded != (found := base_fingerprint(unet)):
@@ -279,7 +308,7 @@ def export_checkpoint(
     facts = CardFacts(
         name=push_to_hub or out.name,
         where=push_to_hub or str(out),
-        base=base or hp["pretrained_model"],
+        base=base or resolve_base(hp["pretrained_model"], checkpoint, ckpt_path),
         kind="lora" if lora and not merge else ("merged" if lora else "full"),
         pipeline=pipeline,
         ema=ema,

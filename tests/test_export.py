@@ -222,6 +222,38 @@ def test_missing_base_and_base_override(full_run, tiny_model, tmp_path):
     assert f"`{moved}`" in (out / "README.md").read_text()
 
 
+def test_relative_base_is_found_where_the_run_ran(full_run, tiny_model, tmp_path, monkeypatch):
+    # the run ran in proj/ and recorded its base relative to it, as configs/*.yaml do
+    proj = tmp_path / "proj"
+    moved = shutil.copytree(tiny_model, proj / "runs" / "model")
+    (proj / "runs" / "ckpt").mkdir()
+
+    def ran_in_proj(state):
+        state["hyper_parameters"]["pretrained_model"] = "runs/model"
+        for saved in state["callbacks"].values():
+            saved["dirpath"] = str(proj / "runs" / "ckpt")
+
+    ckpt = _rewrite(full_run[1], proj / "runs" / "ckpt" / "last.ckpt", ran_in_proj)
+    (tmp_path / "away").mkdir()
+    away = _rewrite(full_run[1], tmp_path / "away" / "last.ckpt", ran_in_proj)
+    monkeypatch.chdir(tmp_path)  # not the folder training ran in
+    for path in (ckpt, away):  # beside the run's folders, or copied away (the recorded checkpoint folder)
+        out = export_checkpoint(path, tmp_path / "out", overwrite=True)
+        assert f"base model: `{moved}`" in (out / "README.md").read_text()
+
+
+def test_missing_local_base_is_not_looked_up_on_the_hub(full_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for recorded in ("runs/nowhere/model", "./model", "~/nowhere/model"):
+        ckpt = _rewrite(
+            full_run[1],
+            tmp_path / "gone.ckpt",
+            lambda s, where=recorded: s["hyper_parameters"].__setitem__("pretrained_model", where),
+        )
+        message = _refuses("is not found .* pass --base", ckpt, ckpt=ckpt, out=tmp_path / "out")
+        assert os.path.expanduser(recorded) in message
+
+
 @pytest.fixture(scope="module")
 def other_bases(tmp_path_factory):
     from popalign.models.tiny import TinySDXLConfig, save_tiny_sdxl
