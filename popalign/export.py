@@ -304,7 +304,9 @@ def export_checkpoint(
         raise UserError(f"{ckpt_path}: --merge applies to LoRA checkpoints; this one is a full fine-tune")
     if pipeline and lora and not merge:
         raise UserError(f"{ckpt_path}: a LoRA checkpoint makes a full pipeline only with --merge")
-    config_path = Path(config) if config is not None else find_run_config(ckpt_path)
+    config_path, config_note = (
+        (Path(config), None) if config is not None else find_run_config(ckpt_path, checkpoint)
+    )
     facts = CardFacts(
         name=push_to_hub or out.name,
         where=push_to_hub or str(out),
@@ -317,6 +319,7 @@ def export_checkpoint(
         step=checkpoint.get("global_step"),
         fingerprint=checkpoint.get(FINGERPRINT_KEY),
         config=read_mapping(config_path) if config_path is not None else None,
+        config_note=config_note,
         data_summary=read_mapping(data_summary) if data_summary is not None else None,
         data_hparams=checkpoint.get("datamodule_hyper_parameters"),
         metrics=read_mapping(metrics) if metrics is not None else None,

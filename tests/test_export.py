@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zipfile
 
 import lightning as L
@@ -470,11 +471,44 @@ def test_run_config_is_found_where_lightning_writes_it(tmp_path):
 
     ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    assert find_run_config(ckpt) is None
+    ckpt.write_bytes(b"")
+    assert find_run_config(ckpt) == (None, None)
     logged = tmp_path / "runs" / "tiny" / "logs" / "version_0" / "config.yaml"  # configs/tiny.yaml's layout
     logged.parent.mkdir(parents=True)
     logged.write_text("seed_everything: 0\n")
-    assert find_run_config(ckpt) == logged
+    assert find_run_config(ckpt) == (logged, None)
     beside = ckpt.parent.parent / "config.yaml"  # the default layout: <log_dir>/checkpoints/
     beside.write_text("seed_everything: 1\n")
-    assert find_run_config(ckpt) == beside
+    assert find_run_config(ckpt) == (beside, None)
+
+
+def _logged_config(run, version: int, objective: str, max_steps: int, age: float, **model) -> None:
+    """``run/logs/version_<n>/config.yaml`` of a LightningCLI run, written ``age`` seconds ago."""
+    path = run / "logs" / f"version_{version}" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    init = {"objective": {"class_path": f"popalign.objectives.{objective}"}, **model}
+    config = {"trainer": {"max_steps": max_steps}, "model": {"class_path": "x", "init_args": init}}
+    path.write_text(yaml.safe_dump(config))
+    os.utime(path, (time.time() - age, time.time() - age))
+
+
+def test_card_describes_the_run_that_wrote_the_checkpoint(full_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = shutil.copy(full_run[1], run / "checkpoints" / "epoch=1-step=2.ckpt")  # global_step 2
+    os.utime(ckpt, (time.time() - 100, time.time() - 100))
+
+    def objective(name: str) -> str:
+        card = export_checkpoint(ckpt, tmp_path / name, overwrite=True) / "README.md"
+        return next(ln for ln in card.read_text().splitlines() if ln.startswith("| objective |"))
+
+    _logged_config(run, 0, "DiffusionDPOLoss", max_steps=10, age=200)  # the run that wrote it
+    _logged_config(run, 1, "SFTLoss", max_steps=10, age=50)  # a later run in the same folder
+    _logged_config(run, 2, "KTOLoss", max_steps=1, age=150)  # stopped before step 2
+    _logged_config(run, 3, "SFTLoss", max_steps=10, age=150, lora_rank=4)  # a LoRA run; this one is full
+    assert objective("a") == "| objective | popalign.objectives.DiffusionDPOLoss |"
+
+    _logged_config(run, 4, "SFTLoss", max_steps=10, age=120)  # could have written it too: no guess
+    row = objective("b")
+    assert "not known: 2 run configs could have written the checkpoint" in row and "--config" in row
+    assert "DiffusionDPOLoss" not in row and "SFTLoss" not in row
