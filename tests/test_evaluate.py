@@ -350,3 +350,27 @@ def test_specific_prompts_can_take_fewer_images():
     assert EvalConfig(model="m", images_per_prompt=5).images_for("specific") == 5
     with pytest.raises(UserError, match="specific_images_per_prompt"):
         EvalConfig(model="m", specific_images_per_prompt=0).check()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_help_explains_every_flag_and_states_each_default_once(command):
+    import argparse
+
+    from popalign.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    formatter = sub._get_formatter()
+    shown = {}
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+        text = formatter._expand_help(action)
+        assert "None" not in text and text.count("default") <= 1, text
+        shown.update({flag: text for flag in action.option_strings})
+    if command == "evaluate":  # the defaults that decide a run's cost are shown
+        for flag, default in [("--dtype", "float32"), ("--images-per-prompt", "8"), ("--steps", "30"),
+                              ("--guidance-scale", "5.0"), ("--height", "1024"), ("--width", "1024"),
+                              ("--batch-size", "4")]:  # fmt: skip
+            assert shown[flag].endswith(f"(default: {default})"), shown[flag]
