@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -374,3 +375,53 @@ def test_help_explains_every_flag_and_states_each_default_once(command):
                               ("--guidance-scale", "5.0"), ("--height", "1024"), ("--width", "1024"),
                               ("--batch-size", "4")]:  # fmt: skip
             assert shown[flag].endswith(f"(default: {default})"), shown[flag]
+
+
+def test_lora_for_another_base_is_one_line_naming_the_mismatch(
+    tiny_model, prompt_files, other_base, tmp_path, capsys
+):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)
+    try:
+        argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
+            "--lora",
+            str(other_base / "lora"),
+        ]
+        code, err = _run(argv, capsys)
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
+    assert code == 2 and not [m for m in records.messages if "size mismatch" in m], records.messages
+    assert re.search(
+        rf"error: {other_base / 'lora'}: does not fit the base model {tiny_model}: \S+lora_A\.weight is "
+        r"\[\d+, \d+\] in it, \[\d+, \d+\] in the base's UNet$",
+        err.strip().splitlines()[-1],
+    ), err
+
+
+def test_missing_local_model_paths_are_not_looked_up_on_the_hub(
+    tiny_model, prompt_files, tmp_path, capsys, monkeypatch
+):
+    from popalign.errors import UserError
+    from popalign.evaluation.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    for flag, path in [("unet", "./nope"), ("lora", "exp/run/export"), ("model", str(tmp_path / "gone"))]:
+        with pytest.raises(UserError, match=f"^{re.escape(path)}: --{flag} not found"):
+            EvalConfig(**{"model": tiny_model, flag: path}).check()
+    # a name that can be a hub id is tried there (offline in the tests), and the error says it is no folder
+    code, err = _run(
+        _sampling_args(tiny_model, prompt_files, tmp_path / "e") + ["--unet", "exp/gone"], capsys
+    )
+    assert (
+        code == 2 and "error: exp/gone: no such local folder; as a hub id: " in err.strip().splitlines()[-1]
+    )
