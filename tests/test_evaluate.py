@@ -425,3 +425,28 @@ def test_missing_local_model_paths_are_not_looked_up_on_the_hub(
     assert (
         code == 2 and "error: exp/gone: no such local folder; as a hub id: " in err.strip().splitlines()[-1]
     )
+
+
+def test_fid_without_torch_fidelity_names_the_flag(tiny_model, prompt_files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # as if torch-fidelity were missing
+    np.save(tmp_path / "ref.npy", np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
+        "--fid-reference",
+        str(tmp_path / "ref.npy"),
+    ]
+    code, err = _run(argv, capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "pass --fid-features pixel" in line and "feature_extractor" not in line, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_report_shows_no_delta_where_neither_model_scored():
+    from popalign.evaluation.report import render_report
+
+    metrics = {"neutral.discrepancy": math.nan, "specific.accuracy": 0.5}
+    baseline = {"neutral.discrepancy": math.nan, "specific.accuracy": 0.25}
+    report = render_report(metrics, {"axes": ["gender"]}, baseline)
+    assert "| neutral.discrepancy | – | – | – |" in report and "nan" not in report
+    assert "| specific.accuracy | 0.5000 | 0.2500 | +0.2500 |" in report
