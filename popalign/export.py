@@ -35,6 +35,7 @@ from popalign.models.loading import (
     add_lora,
     base_fingerprint,
     load_unet,
+    looks_like_hub_id,
     parse_dtype,
 )
 
@@ -77,14 +78,42 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _run_folders(ckpt: dict, ckpt_path: Path) -> list[Path]:
+    """Where training may have run, nearest first: the checkpoint folder training recorded (Lightning's
+    ``ModelCheckpoint`` stores it absolute), the checkpoint's folder now, and the ancestors of both."""
+    states = (ckpt.get("callbacks") or {}).values()
+    recorded = [
+        Path(s["dirpath"]) for s in states if isinstance(s, dict) and isinstance(s.get("dirpath"), str)
+    ]
+    folders: list[Path] = []
+    for start in [p for p in recorded if p.is_absolute()] + [ckpt_path.resolve().parent]:
+        folders += [f for f in (start, *start.parents) if f not in folders]
+    return folders
+
+
+def resolve_base(base: str, ckpt: dict, ckpt_path: str | Path) -> str:
+    """The recorded base model as a path or hub id that loads from the current folder.
+
+    ``pretrained_model`` is recorded as it was given, often relative to the folder training ran in
+    (``runs/tiny/model``). A relative path that is not here is looked up under the run's folders (see
+    :func:`_run_folders`); the first that holds it wins. Anything else is returned unchanged.
+    """
+    path = os.path.expanduser(base)
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    found = next((f / path for f in _run_folders(ckpt, Path(ckpt_path)) if (f / path).is_dir()), None)
+    return str(found) if found is not None else base
+
+
 def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
-    local = base.startswith((".", "/", "~")) or os.path.exists(base)
-    if local and not os.path.isdir(os.path.expanduser(base)):
+    path = os.path.expanduser(base)
+    if not os.path.isdir(path) and (os.path.exists(path) or not looks_like_hub_id(base)):
+        problem = "is not a folder" if os.path.exists(path) else "is not found (here or in the run's folders)"
         raise UserError(
-            f"{ckpt_path}: its base model {base} is not found; pass --base with the base it was trained on"
+            f"{ckpt_path}: its base model {base} {problem}; pass --base with the base it was trained on"
         )
     try:
-        return load_unet(os.path.expanduser(base))
+        return load_unet(path)
     except UserError as err:
         raise UserError(
             f"{ckpt_path}: base model: {err}; pass --base with the base it was trained on"
@@ -93,6 +122,33 @@ def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
         raise UserError(
             f"{ckpt_path}: cannot load its base model {base!r} ({first_line(err)}); pass --base with the base"
         ) from err
+
+
+def _damaged_entry(path: Path) -> str | None:
+    """The first archive entry whose CRC-32 does not match its bytes, if any (reads the whole file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def _check_finite(weights: dict[str, torch.Tensor], ckpt_path: Path) -> None:
+    """:class:`UserError` for a weight holding NaN/inf: a damaged file (named by the entry whose CRC fails)
+    or a run that diverged. ``torch.load`` does not check CRCs, so damage shows up here first."""
+    for name, tensor in weights.items():
+        finite = torch.isfinite(tensor) if tensor.is_floating_point() else None
+        if finite is None or bool(finite.all()):
+            continue
+        bad = int(finite.numel() - finite.sum())
+        damaged = _damaged_entry(ckpt_path)
+        if damaged is not None:
+            raise UserError(
+                f"{ckpt_path}: corrupted (CRC mismatch in {damaged}); {name} reads as {bad} NaN/inf values"
+            )
+        raise UserError(
+            f"{ckpt_path}: {name} holds {bad} NaN/inf values (the run diverged); export an earlier checkpoint"
+        )
 
 
 def _trained_weights(
@@ -130,6 +186,7 @@ def _trained_weights(
                 f"{ckpt_path}: {name} has shape {tuple(tensor.shape)} but base {base!r} expects "
                 f"{tuple(target[name].shape)}; pass --base with the base it was trained on"
             )
+    _check_finite(weights, ckpt_path)
     return weights
 
 
@@ -139,7 +196,7 @@ def rebuild_policy(
     """The trained policy UNet in float32: ``base`` (default: the recorded one) + adapters + trained weights."""
     ckpt_path = Path(ckpt_path)
     hp = ckpt["hyper_parameters"]
-    base = base or hp["pretrained_model"]
+    base = base or resolve_base(hp["pretrained_model"], ckpt, ckpt_path)
     unet = _load_base_unet(base, ckpt_path)
     recorded = ckpt.get(FINGERPRINT_KEY)
     if recorded is not None and recorded != (found := base_fingerprint(unet)):
@@ -198,6 +255,15 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: {parent} is a file, not a folder")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+
+
 def export_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -229,8 +295,7 @@ def export_checkpoint(
     """
     ckpt_path, out = Path(ckpt), Path(out)
     torch_dtype = parse_dtype(dtype)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    _check_out(out, overwrite)
     # read every input before the slow part, so a bad file fails fast
     checkpoint = load_training_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
@@ -239,11 +304,13 @@ def export_checkpoint(
         raise UserError(f"{ckpt_path}: --merge applies to LoRA checkpoints; this one is a full fine-tune")
     if pipeline and lora and not merge:
         raise UserError(f"{ckpt_path}: a LoRA checkpoint makes a full pipeline only with --merge")
-    config_path = Path(config) if config is not None else find_run_config(ckpt_path)
+    config_path, config_note = (
+        (Path(config), None) if config is not None else find_run_config(ckpt_path, checkpoint)
+    )
     facts = CardFacts(
         name=push_to_hub or out.name,
         where=push_to_hub or str(out),
-        base=base or hp["pretrained_model"],
+        base=base or resolve_base(hp["pretrained_model"], checkpoint, ckpt_path),
         kind="lora" if lora and not merge else ("merged" if lora else "full"),
         pipeline=pipeline,
         ema=ema,
@@ -252,6 +319,7 @@ def export_checkpoint(
         step=checkpoint.get("global_step"),
         fingerprint=checkpoint.get(FINGERPRINT_KEY),
         config=read_mapping(config_path) if config_path is not None else None,
+        config_note=config_note,
         data_summary=read_mapping(data_summary) if data_summary is not None else None,
         data_hparams=checkpoint.get("datamodule_hyper_parameters"),
         metrics=read_mapping(metrics) if metrics is not None else None,

@@ -40,20 +40,74 @@ class CardFacts:
     step: int | None = None
     fingerprint: str | None = None
     config: dict | None = None
+    config_note: str | None = None  # why no run config describes the run (shown instead of its settings)
     data_summary: dict | None = None
     data_hparams: dict | None = None  # the DataModule's init args saved in the checkpoint
     metrics: dict | None = None
     where: str = ""  # the repo id or folder the usage snippet loads from (default: name)
 
 
-def find_run_config(ckpt_path: Path) -> Path | None:
-    """LightningCLI's ``config.yaml`` of the run: beside the checkpoint, one folder up, or in a logger's
-    ``<name>/version_<n>/`` folder beside the checkpoint folder (the newest, when a run was resumed)."""
+def find_run_config(ckpt_path: Path, checkpoint: dict | None = None) -> tuple[Path | None, str | None]:
+    """LightningCLI's ``config.yaml`` of the run that wrote the checkpoint -> ``(path, None)``, or
+    ``(None, note)`` saying why none is used.
+
+    A ``config.yaml`` beside the checkpoint or one folder up (Lightning's default ``<log_dir>/checkpoints/``)
+    is the run's. Otherwise the logger's ``<name>/version_<n>/config.yaml`` folders beside the checkpoint
+    folder (the shipped configs' layout, shared by every run there) are candidates, kept only when that run
+    could have written ``checkpoint`` (see :func:`_could_have_written`). When the kept ones disagree on
+    what the card shows, none is used: a guess could describe another run.
+    """
     for folder in (ckpt_path.parent, ckpt_path.parent.parent):
         if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
+            return folder / "config.yaml", None
     logged = sorted(ckpt_path.parent.parent.glob("*/version_*/config.yaml"), key=lambda p: p.stat().st_mtime)
-    return logged[-1] if logged else None
+    if not logged:
+        return None, None
+    fits = [p for p in logged if checkpoint is None or _could_have_written(p, ckpt_path, checkpoint)]
+    if not fits:
+        return None, f"none of the run configs beside it ({_names(logged)}) matches the checkpoint"
+    if len({json.dumps(_card_view(read_mapping(p)), sort_keys=True, default=str) for p in fits}) > 1:
+        return None, f"{len(fits)} run configs could have written the checkpoint ({_names(fits)})"
+    return fits[-1], None
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as a config value: numbers by value, sequences elementwise, anything else as text."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return a == b or str(a) == str(b)
+
+
+def _could_have_written(config_path: Path, ckpt_path: Path, checkpoint: dict) -> bool:
+    """Whether the run of ``config_path`` can have saved ``checkpoint``: its config was written before the
+    checkpoint, its model and data arguments are the checkpoint's hyper-parameters, and its max_steps
+    reaches the checkpoint's step."""
+    if config_path.stat().st_mtime > ckpt_path.stat().st_mtime:
+        return False
+    config = read_mapping(config_path)
+    for section, saved in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        given, recorded = _init_args(config.get(section)), checkpoint.get(saved) or {}
+        if any(k in given and not _same(v, given[k]) for k, v in recorded.items()):
+            return False
+    max_steps, step = (config.get("trainer") or {}).get("max_steps"), checkpoint.get("global_step")
+    return not (isinstance(max_steps, int) and 0 < max_steps < (step or 0))
+
+
+def _card_view(config: dict) -> dict:
+    """The parts of a run config the model card shows (two configs that agree here give the same card)."""
+    trainer = config.get("trainer") or {}
+    return {
+        "model": _init_args(config.get("model")),
+        "data": _init_args(config.get("data")),
+        "trainer": {k: trainer.get(k) for k in _TRAINER_KEYS},
+        "seed": config.get("seed_everything"),
+    }
 
 
 def read_mapping(path: str | Path) -> dict:
@@ -124,9 +178,8 @@ def _hyper_rows(f: CardFacts) -> list[tuple[str, Any]]:
         elif spec is not None:
             rows.append((part, spec))
     if "objective" not in model:
-        rows.append(
-            ("objective", "not recorded in the checkpoint (pass --config with the run's config.yaml)")
-        )
+        why = f"not known: {f.config_note}" if f.config_note else "not recorded in the checkpoint"
+        rows.append(("objective", f"{why} (pass --config with the run's config.yaml)"))
     rows += [(k, v) for k, v in f.hparams.items() if k != "pretrained_model" and not k.startswith("_")]
     trainer = config.get("trainer") or {}
     rows += [(f"trainer / {k}", trainer[k]) for k in _TRAINER_KEYS if k in trainer]

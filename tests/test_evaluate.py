@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -350,3 +351,102 @@ def test_specific_prompts_can_take_fewer_images():
     assert EvalConfig(model="m", images_per_prompt=5).images_for("specific") == 5
     with pytest.raises(UserError, match="specific_images_per_prompt"):
         EvalConfig(model="m", specific_images_per_prompt=0).check()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_help_explains_every_flag_and_states_each_default_once(command):
+    import argparse
+
+    from popalign.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    formatter = sub._get_formatter()
+    shown = {}
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+        text = formatter._expand_help(action)
+        assert "None" not in text and text.count("default") <= 1, text
+        shown.update({flag: text for flag in action.option_strings})
+    if command == "evaluate":  # the defaults that decide a run's cost are shown
+        for flag, default in [("--dtype", "float32"), ("--images-per-prompt", "8"), ("--steps", "30"),
+                              ("--guidance-scale", "5.0"), ("--height", "1024"), ("--width", "1024"),
+                              ("--batch-size", "4")]:  # fmt: skip
+            assert shown[flag].endswith(f"(default: {default})"), shown[flag]
+
+
+def test_lora_for_another_base_is_one_line_naming_the_mismatch(
+    tiny_model, prompt_files, other_base, tmp_path, capsys
+):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)
+    try:
+        argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
+            "--lora",
+            str(other_base / "lora"),
+        ]
+        code, err = _run(argv, capsys)
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
+    assert code == 2 and not [m for m in records.messages if "size mismatch" in m], records.messages
+    assert re.search(
+        rf"error: {other_base / 'lora'}: does not fit the base model {tiny_model}: \S+lora_A\.weight is "
+        r"\[\d+, \d+\] in it, \[\d+, \d+\] in the base's UNet$",
+        err.strip().splitlines()[-1],
+    ), err
+
+
+def test_missing_local_model_paths_are_not_looked_up_on_the_hub(
+    tiny_model, prompt_files, tmp_path, capsys, monkeypatch
+):
+    from popalign.errors import UserError
+    from popalign.evaluation.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    for flag, path in [("unet", "./nope"), ("lora", "exp/run/export"), ("model", str(tmp_path / "gone"))]:
+        with pytest.raises(UserError, match=f"^{re.escape(path)}: --{flag} not found"):
+            EvalConfig(**{"model": tiny_model, flag: path}).check()
+    # a name that can be a hub id is tried there (offline in the tests), and the error says it is no folder
+    code, err = _run(
+        _sampling_args(tiny_model, prompt_files, tmp_path / "e") + ["--unet", "exp/gone"], capsys
+    )
+    assert (
+        code == 2 and "error: exp/gone: no such local folder; as a hub id: " in err.strip().splitlines()[-1]
+    )
+
+
+def test_fid_without_torch_fidelity_names_the_flag(tiny_model, prompt_files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # as if torch-fidelity were missing
+    np.save(tmp_path / "ref.npy", np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
+        "--fid-reference",
+        str(tmp_path / "ref.npy"),
+    ]
+    code, err = _run(argv, capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "pass --fid-features pixel" in line and "feature_extractor" not in line, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_report_shows_no_delta_where_neither_model_scored():
+    from popalign.evaluation.report import render_report
+
+    metrics = {"neutral.discrepancy": math.nan, "specific.accuracy": 0.5}
+    baseline = {"neutral.discrepancy": math.nan, "specific.accuracy": 0.25}
+    report = render_report(metrics, {"axes": ["gender"]}, baseline)
+    assert "| neutral.discrepancy | – | – | – |" in report and "nan" not in report
+    assert "| specific.accuracy | 0.5000 | 0.2500 | +0.2500 |" in report

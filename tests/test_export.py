@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import time
 import zipfile
 
 import lightning as L
@@ -221,6 +223,38 @@ def test_missing_base_and_base_override(full_run, tiny_model, tmp_path):
     assert f"`{moved}`" in (out / "README.md").read_text()
 
 
+def test_relative_base_is_found_where_the_run_ran(full_run, tiny_model, tmp_path, monkeypatch):
+    # the run ran in proj/ and recorded its base relative to it, as configs/*.yaml do
+    proj = tmp_path / "proj"
+    moved = shutil.copytree(tiny_model, proj / "runs" / "model")
+    (proj / "runs" / "ckpt").mkdir()
+
+    def ran_in_proj(state):
+        state["hyper_parameters"]["pretrained_model"] = "runs/model"
+        for saved in state["callbacks"].values():
+            saved["dirpath"] = str(proj / "runs" / "ckpt")
+
+    ckpt = _rewrite(full_run[1], proj / "runs" / "ckpt" / "last.ckpt", ran_in_proj)
+    (tmp_path / "away").mkdir()
+    away = _rewrite(full_run[1], tmp_path / "away" / "last.ckpt", ran_in_proj)
+    monkeypatch.chdir(tmp_path)  # not the folder training ran in
+    for path in (ckpt, away):  # beside the run's folders, or copied away (the recorded checkpoint folder)
+        out = export_checkpoint(path, tmp_path / "out", overwrite=True)
+        assert f"base model: `{moved}`" in (out / "README.md").read_text()
+
+
+def test_missing_local_base_is_not_looked_up_on_the_hub(full_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for recorded in ("runs/nowhere/model", "./model", "~/nowhere/model"):
+        ckpt = _rewrite(
+            full_run[1],
+            tmp_path / "gone.ckpt",
+            lambda s, where=recorded: s["hyper_parameters"].__setitem__("pretrained_model", where),
+        )
+        message = _refuses("is not found .* pass --base", ckpt, ckpt=ckpt, out=tmp_path / "out")
+        assert os.path.expanduser(recorded) in message
+
+
 @pytest.fixture(scope="module")
 def other_bases(tmp_path_factory):
     from popalign.models.tiny import TinySDXLConfig, save_tiny_sdxl
@@ -266,6 +300,46 @@ def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as any folder the user makes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_out_below_a_file_is_one_line(full_run, tmp_path, capsys):
+    log = tmp_path / "fit1.log"
+    log.write_text("mine")
+    assert main(["export", str(full_run[1]), "--out", str(log / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"popalign export: error: {log / 'sub'}: {log} is a file, not a folder"
+    assert log.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["fit1.log"]
+
+
+def _damage_every_tensor(src, dst):
+    """A copy of ``src`` whose stored tensor bytes are all 0xff (NaN as floats); the zip's CRCs stay."""
+    shutil.copy(src, dst)
+    with zipfile.ZipFile(dst) as archive:
+        entries = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size]
+    with open(dst, "r+b") as f:
+        for info in entries:
+            f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.write(b"\xff" * info.file_size)
+    return dst
+
+
+def test_damaged_or_diverged_weights_are_not_exported(full_run, tmp_path):
+    out = tmp_path / "out"
+    damaged = _damage_every_tensor(full_run[1], tmp_path / "damaged.ckpt")
+    _refuses(
+        r"corrupted \(CRC mismatch in \S+/data/\S+\); \S+ reads as \d+ NaN", damaged, ckpt=damaged, out=out
+    )
+
+    def diverge(state):  # NaN saved as such: the archive is intact
+        state["state_dict"]["policy.conv_in.weight"][0] = float("nan")
+        state["state_dict"]["ema.shadow.0"][0] = float("inf")
+
+    diverged = _rewrite(full_run[1], tmp_path / "diverged.ckpt", diverge)
+    _refuses(r": conv_in\.weight holds \d+ NaN/inf values", diverged, ckpt=diverged, out=out)
+    _refuses(r"conv_in\.weight holds \d+ NaN/inf", diverged, ckpt=diverged, out=out, ema=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.ckpt", "diverged.ckpt"]
 
 
 def test_failed_write_leaves_no_folder(full_run, tmp_path, monkeypatch):
@@ -397,11 +471,44 @@ def test_run_config_is_found_where_lightning_writes_it(tmp_path):
 
     ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    assert find_run_config(ckpt) is None
+    ckpt.write_bytes(b"")
+    assert find_run_config(ckpt) == (None, None)
     logged = tmp_path / "runs" / "tiny" / "logs" / "version_0" / "config.yaml"  # configs/tiny.yaml's layout
     logged.parent.mkdir(parents=True)
     logged.write_text("seed_everything: 0\n")
-    assert find_run_config(ckpt) == logged
+    assert find_run_config(ckpt) == (logged, None)
     beside = ckpt.parent.parent / "config.yaml"  # the default layout: <log_dir>/checkpoints/
     beside.write_text("seed_everything: 1\n")
-    assert find_run_config(ckpt) == beside
+    assert find_run_config(ckpt) == (beside, None)
+
+
+def _logged_config(run, version: int, objective: str, max_steps: int, age: float, **model) -> None:
+    """``run/logs/version_<n>/config.yaml`` of a LightningCLI run, written ``age`` seconds ago."""
+    path = run / "logs" / f"version_{version}" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    init = {"objective": {"class_path": f"popalign.objectives.{objective}"}, **model}
+    config = {"trainer": {"max_steps": max_steps}, "model": {"class_path": "x", "init_args": init}}
+    path.write_text(yaml.safe_dump(config))
+    os.utime(path, (time.time() - age, time.time() - age))
+
+
+def test_card_describes_the_run_that_wrote_the_checkpoint(full_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = shutil.copy(full_run[1], run / "checkpoints" / "epoch=1-step=2.ckpt")  # global_step 2
+    os.utime(ckpt, (time.time() - 100, time.time() - 100))
+
+    def objective(name: str) -> str:
+        card = export_checkpoint(ckpt, tmp_path / name, overwrite=True) / "README.md"
+        return next(ln for ln in card.read_text().splitlines() if ln.startswith("| objective |"))
+
+    _logged_config(run, 0, "DiffusionDPOLoss", max_steps=10, age=200)  # the run that wrote it
+    _logged_config(run, 1, "SFTLoss", max_steps=10, age=50)  # a later run in the same folder
+    _logged_config(run, 2, "KTOLoss", max_steps=1, age=150)  # stopped before step 2
+    _logged_config(run, 3, "SFTLoss", max_steps=10, age=150, lora_rank=4)  # a LoRA run; this one is full
+    assert objective("a") == "| objective | popalign.objectives.DiffusionDPOLoss |"
+
+    _logged_config(run, 4, "SFTLoss", max_steps=10, age=120)  # could have written it too: no guess
+    row = objective("b")
+    assert "not known: 2 run configs could have written the checkpoint" in row and "--config" in row
+    assert "DiffusionDPOLoss" not in row and "SFTLoss" not in row

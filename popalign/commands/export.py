@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+S = argparse.SUPPRESS  # optional flags are absent unless given: no "(default: None)" in --help
+
 HELP = "export a checkpoint as a diffusers UNet / pipeline or LoRA weights, with a model card"
 
 
@@ -18,10 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="Lightning checkpoint of a run, e.g. runs/popalign/version_0/checkpoints/last.ckpt"
     )
     parser.add_argument(
-        "--out", required=True, metavar="DIR", help="output folder (written whole, or not at all)"
+        "--out",
+        required=True,
+        default=S,
+        metavar="DIR",
+        help="output folder (written whole, or not at all)",
     )
     parser.add_argument(
-        "--base", default=None, help="base model (hub id or folder) replacing the one the checkpoint records"
+        "--base", default=S, help="base model (hub id or folder) replacing the one the checkpoint records"
     )
     parser.add_argument(
         "--pipeline",
@@ -37,18 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        default=None,
-        help="the run's LightningCLI config.yaml (default: found next to the checkpoint)",
+        default=S,
+        help="the run's LightningCLI config.yaml (default: the config of the run that wrote the checkpoint, "
+        "found beside it)",
     )
     parser.add_argument(
-        "--data-summary", default=None, help="summary.json of `popalign build`, for the model card"
+        "--data-summary", default=S, help="summary.json of `popalign build`, for the model card"
     )
     parser.add_argument(
-        "--metrics", default=None, help="metrics.json (any nested dict of numbers), tabulated in the card"
+        "--metrics", default=S, help="metrics.json (any nested dict of numbers), tabulated in the card"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument(
-        "--push-to-hub", metavar="REPO", default=None, help="then upload the folder to this Hugging Face repo"
+        "--push-to-hub", metavar="REPO", default=S, help="then upload the folder to this Hugging Face repo"
     )
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
 
@@ -56,23 +63,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from popalign.export import export_checkpoint
 
+    opt = {k: getattr(args, k, None) for k in ("base", "config", "data_summary", "metrics", "push_to_hub")}
     out = export_checkpoint(
         args.checkpoint,
         args.out,
-        base=args.base,
+        base=opt["base"],
         pipeline=args.pipeline,
         merge=args.merge,
         ema=args.ema,
         dtype=args.dtype,
-        config=args.config,
-        data_summary=args.data_summary,
-        metrics=args.metrics,
+        config=opt["config"],
+        data_summary=opt["data_summary"],
+        metrics=opt["metrics"],
         overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
+        push_to_hub=opt["push_to_hub"],
         private=args.private,
     )
     print(
         f"exported {args.checkpoint} -> {out}"
-        + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else "")
+        + (f" (pushed to {opt['push_to_hub']})" if opt["push_to_hub"] else "")
     )
     return 0

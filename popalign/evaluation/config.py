@@ -81,3 +81,12 @@ class EvalConfig:
             raise UserError("--labels labels stored --images; it needs --images")
         if self.unet and self.lora:
             raise UserError("give --unet (a full aligned UNet) or --lora (adapters), not both")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        """A missing local path (``./x``, ``/x``, ``a/b/c``) is an error here, not a lookup on the hub."""
+        from popalign.models.loading import check_model_source
+
+        for flag in ("model", "unet", "lora", "vae", "baseline", "clip_model", "classifier_model"):
+            if getattr(self, flag):
+                check_model_source(getattr(self, flag), f"--{flag.replace('_', '-')}")

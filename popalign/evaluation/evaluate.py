@@ -139,7 +139,13 @@ class Evaluator:
         from popalign.metrics import FID, PixelStatsFeatures
 
         extractor = PixelStatsFeatures() if self.config.fid_features == "pixel" else None
-        self.fid = FID(extractor, reset_real_features=False).to(self.device)
+        try:
+            self.fid = FID(extractor, reset_real_features=False).to(self.device)
+        except UserError as err:  # FID's advice is for Python callers; this is the command line's
+            raise UserError(
+                "--fid-features inception needs the torch-fidelity package and its Inception weights "
+                f"(pip install torch-fidelity); or pass --fid-features pixel ({err.__cause__ or err})"
+            ) from None
         self.fid_reference_images = 0
         for batch in fid_reference_batches(self.config.fid_reference):
             self.fid.update(_chw(batch).to(self.device), real=True)

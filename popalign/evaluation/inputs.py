@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from popalign.data.axes import BiasAxis, Intersection, load_axes
-from popalign.errors import UserError
+from popalign.errors import UserError, first_line
 from popalign.evaluation.config import DEFAULT_CLIP, EvalConfig
 
 
@@ -159,6 +163,47 @@ def sampled_batches(pipe: Any, prompts: Sequence[EvalPrompt], config: EvalConfig
         yield Batch([p for p, _ in chunk], [f"{p.prompt_id}-{i:04d}" for p, i in chunk], seeds, images)
 
 
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+class _FailedAdapterFilter(logging.Filter):
+    """Drops diffusers' log of a failed adapter load (every size mismatch); the error is reported once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_adapter_errors() -> Iterator[None]:
+    logger, quiet = logging.getLogger("diffusers.loaders.peft"), _FailedAdapterFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _mismatch(err: BaseException) -> str:
+    """The first weight whose shape differs, from a ``load_state_dict`` error (else its first line)."""
+    found = _SIZE_MISMATCH.search(str(err))
+    if found is None:
+        return first_line(err)
+    name, theirs, ours = found.groups()
+    name = re.sub(r"[.]default_\d+", "", name)  # peft's adapter name is not part of the weight's
+    return f"{name} is [{theirs}] in it, [{ours}] in the base's UNet"
+
+
+def _not_local(error: UserError, sources: Sequence[str | None]) -> UserError:
+    """``error`` restated for a source that is no local folder and failed as a hub id."""
+    for source in filter(None, sources):
+        if str(error).startswith(f"{source}: ") and not os.path.exists(os.path.expanduser(source)):
+            return UserError(f"{source}: no such local folder; as a hub id: {str(error)[len(source) + 2 :]}")
+    return error
+
+
 def load_model(config: EvalConfig, model: str, unet: str | None = None, lora: str | None = None) -> Any:
     """``generate``'s pipeline loader plus checks that the parts fit together (one-line errors)."""
     import torch
@@ -168,10 +213,12 @@ def load_model(config: EvalConfig, model: str, unet: str | None = None, lora: st
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     part = lora or unet or model
     try:
-        pipe = load_pipeline(model, config.vae, unet, lora, config.dtype, device=device)
+        with _quiet_adapter_errors():
+            pipe = load_pipeline(model, config.vae, unet, lora, config.dtype, device=device)
+    except UserError as err:
+        raise _not_local(err, [unet, lora, config.vae, model]) from None
     except RuntimeError as err:  # e.g. LoRA tensors whose shapes belong to another base
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{part}: does not fit the base model {model} ({first})") from None
+        raise UserError(f"{part}: does not fit the base model {model}: {_mismatch(err)}") from None
     if lora and not getattr(pipe.unet, "peft_config", None):
         raise UserError(f"{lora}: no LoRA weights in it fit the UNet of {model}")
     u, t1, t2 = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config

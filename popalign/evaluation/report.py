@@ -250,7 +250,8 @@ def render_report(
         row = f"| {key} | {_fmt(value, flat.get(ci_key))} |"
         if baseline is not None:
             d = delta.get(key)
-            row += f" {_fmt(base.get(key), base.get(ci_key))} | {'–' if d is None else f'{d:+.4f}'} |"
+            shown = "–" if d is None or math.isnan(d) else f"{d:+.4f}"  # NaN: neither model scored it
+            row += f" {_fmt(base.get(key), base.get(ci_key))} | {shown} |"
         lines.append(row)
     if notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]

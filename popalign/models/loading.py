@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,8 @@ from popalign.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FINGERPRINT_KEY = "popalign_base_fingerprint"
+# a Hugging Face repo id: "name" or "namespace/name", letters, digits, "-", "_", "."
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -37,6 +40,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[key]
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` could be a hub repo id; ``./x``, ``/x``, ``~/x``, ``a/b/c`` and ``..`` cannot."""
+    return _HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def check_model_source(name: str, what: str) -> str:
+    """``name`` with ``~`` expanded; :class:`UserError` when it is a path (it cannot be a hub id) that is
+    not there, so a missing local folder is reported as such instead of being looked up on the hub."""
+    path = os.path.expanduser(name)
+    if not os.path.exists(path) and not looks_like_hub_id(name):
+        raise UserError(f"{name}: {what} not found (no such file or folder)")
+    return path
 
 
 def _check_component(path: str, subfolder: str) -> None:
