@@ -359,14 +359,12 @@ def test_preservation_term_matches_its_formula(tiny_model, batch_factory):
 
 
 def test_preservation_needs_source_captions_and_a_reference(tiny_model, batch_factory):
-    from popalign.errors import UserError
-
     m = _module(tiny_model, preservation_weight=1.0)
     with pytest.raises(UserError, match="no-source-embeds"):
         m.training_step(batch_factory(pairs=1), 0)
     # SFT needs no reference for itself, but the preservation term compares against one
     assert _module(tiny_model, objective=SFTLoss(), preservation_weight=1.0).reference is not None
-    with pytest.raises(ValueError, match="preservation_weight"):
+    with pytest.raises(UserError, match="preservation_weight must be >= 0"):
         _module(tiny_model, preservation_weight=-1.0)
 
 
