@@ -505,9 +505,14 @@ def _with_source_captions(
         )
     p = batch["source_prompt_embeds"].shape[0]
     emb, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    cond = {
-        "prompt_embeds": torch.cat([emb, batch["source_prompt_embeds"].to(emb.dtype)]),
-        "pooled_prompt_embeds": torch.cat([pooled, batch["source_pooled_prompt_embeds"].to(pooled.dtype)]),
-        "time_ids": torch.cat([batch["time_ids"], batch["time_ids"][:p]]),
-    }
-    return cond, torch.cat([x_t, x_t[:p]]), torch.cat([t, t[:p]])
+    # outside autocast: under bf16 autocast, cat refuses the shards' float16 embeddings ("Unexpected
+    # floating ScalarType in at::autocast::prioritize"); the UNet call casts them afterwards anyway
+    with torch.autocast(emb.device.type, enabled=False):
+        cond = {
+            "prompt_embeds": torch.cat([emb, batch["source_prompt_embeds"].to(emb.dtype)]),
+            "pooled_prompt_embeds": torch.cat(
+                [pooled, batch["source_pooled_prompt_embeds"].to(pooled.dtype)]
+            ),
+            "time_ids": torch.cat([batch["time_ids"], batch["time_ids"][:p]]),
+        }
+        return cond, torch.cat([x_t, x_t[:p]]), torch.cat([t, t[:p]])

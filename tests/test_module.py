@@ -358,6 +358,15 @@ def test_preservation_term_matches_its_formula(tiny_model, batch_factory):
     assert all(p.grad is None for p in m.reference.parameters())
 
 
+def test_preservation_term_trains_under_bf16_autocast(tiny_model, batch_factory):
+    # bf16-mixed runs the step under autocast, where cat of the shards' float16 embeddings raised
+    m = _module(tiny_model, preservation_weight=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.training_step(batch_factory(pairs=2, sources=True), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and m.policy.conv_in.weight.grad is not None
+
+
 def test_preservation_needs_source_captions_and_a_reference(tiny_model, batch_factory):
     m = _module(tiny_model, preservation_weight=1.0)
     with pytest.raises(UserError, match="no-source-embeds"):
