@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import frechet_by_numpy
 
 from popalign.cli import main
 from popalign.data.classifiers import AttributeClassifier
@@ -175,8 +176,16 @@ def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
     assert m["specific.accuracy"] == pytest.approx(0.5)
     # occupation read back: doctor images right (4 + 4), chef images show occupation 2 (4 wrong)
     assert m["adherence.accuracy"] == pytest.approx(8 / 12)
-    assert 0 <= m["fid"] < 50
     rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    # FID of the stored images against ref.npy, from numpy statistics of the same pixel features
+    from PIL import Image
+
+    from popalign.metrics import PixelStatsFeatures
+
+    stored = np.stack([np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in rows])
+    features = PixelStatsFeatures()
+    real, fake = (features(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy() for x in (ref, stored))
+    assert m["fid"] == pytest.approx(frechet_by_numpy(real, fake), rel=1e-6)
     assert len(rows) == 12 and rows[3]["labels"] == {"shirt": "blue", "tone": "dark"}
     assert len(list((out / "images").glob("*.png"))) == 12
 
