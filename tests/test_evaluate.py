@@ -43,6 +43,24 @@ class DoctorAdherence(Adherence):
         return np.array([np.nan if r.kind == "generic" else float("doctor" in r.prompt) for r in prompt_rows])
 
 
+def _discrepancy_ci(table, target, pooled: bool = False, num_resamples: int = 1000, seed: int = 0) -> list:
+    """Percentile bootstrap of the discrepancy, written out: each prompt's row of counts (last column:
+    unknowns) is redrawn as a multinomial of its own size and frequencies; unknowns leave the
+    distribution, and a prompt left with no known image drops out of the mean."""
+    table, target = np.array(table, dtype=float), np.array(target)
+    n = table.sum(1).astype(int)
+    draws = np.random.default_rng(seed).multinomial(n, table / n[:, None], size=(num_resamples, len(n)))
+    counts = draws[..., :-1].astype(float)  # [R, prompts, classes]
+    if pooled:
+        total = counts.sum(1)
+        stats = np.linalg.norm(total / total.sum(-1, keepdims=True) - target, axis=-1)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.linalg.norm(counts / counts.sum(-1, keepdims=True) - target, axis=-1)
+        stats = np.nanmean(d, axis=1)
+    return list(np.nanquantile(stats, [0.025, 0.975]))
+
+
 def test_summarise_by_hand():
     # axes A (2 classes) x B (3 classes): joint class = a * 3 + b, uniform target 1/6
     kinds = ["neutral"] * 6 + ["specific"] * 4 + ["generic"] * 2
@@ -82,9 +100,36 @@ def test_summarise_by_hand():
     assert m["generic.unknown_rate"] == pytest.approx(1 / 2)
     assert m["generic.clip_score"] == pytest.approx(15.0) and m["clip_score"] == pytest.approx(15.0)
     assert m["adherence.accuracy"] == pytest.approx(7 / 8) and m["adherence.num_images"] == 8
-    for key in ("neutral.discrepancy_ci", "specific.accuracy_ci", "adherence.accuracy_ci"):
-        low, high = m[key]
-        assert 0 <= low <= high <= 1.5
+    # intervals: the seeded bootstrap (1000 resamples, seed 0) of the data each metric is computed from
+    for key, values in [
+        ("specific.accuracy_ci", [1, 0, 0, 0]),  # joint: every named axis right
+        ("neutral.unknown_rate_ci", [0, 0, 0, 1, 0, 0]),
+        ("adherence.accuracy_ci", [1, 0, 1, 1, 1, 1, 1, 1]),
+        ("generic.clip_score_ci", [10.0, 20.0]),
+    ]:
+        assert m[key] == pytest.approx(mean_ci(np.array(values, dtype=float), num_resamples=1000, seed=0)), (
+            key
+        )
+    assert m["specific.accuracy_per_axis_ci"]["a"] == pytest.approx(mean_ci(np.array([1.0, 0, 1])))
+    assert m["specific.accuracy_per_axis_ci"]["b"] == pytest.approx(mean_ci(np.array([1.0, 0, 0])))
+    # discrepancy: images resampled within each prompt; rows = prompts, columns = classes + unknown
+    joint = [[2, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 2, 0, 0]]
+    assert m["neutral.discrepancy_ci"] == pytest.approx(_discrepancy_ci(joint, [1 / 6] * 6))
+    assert m["neutral.discrepancy_pooled_ci"] == pytest.approx(
+        _discrepancy_ci(joint, [1 / 6] * 6, pooled=True)
+    )
+    ci_a = _discrepancy_ci([[3, 1, 0], [0, 2, 0]], [1 / 2] * 2)
+    ci_b = _discrepancy_ci([[2, 0, 1, 1], [0, 2, 0, 0]], [1 / 3] * 3)
+    assert m["neutral.discrepancy_per_axis_ci"]["a"] == pytest.approx(ci_a)
+    assert m["neutral.discrepancy_per_axis_ci"]["b"] == pytest.approx(ci_b)
+    for key in (
+        "neutral.discrepancy",
+        "neutral.discrepancy_pooled",
+        "specific.accuracy",
+        "adherence.accuracy",
+    ):
+        low, high = m[f"{key}_ci"]
+        assert low <= m[key] <= high, key
 
 
 def test_mean_ci_contains_mean_and_narrows():
