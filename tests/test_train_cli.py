@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def _fails(capsys, args: list[str]) -> list[str]:
 QUIET = ["--trainer.enable_progress_bar=false"]
 
 
-def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys):
+def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
     assert main(["tiny", "--out", "runs/other", "--groups", "2", "--seed", "1"]) == 0
@@ -92,8 +93,12 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
     resume = ["fit", "--config", CONFIG, "--ckpt_path=last", *QUIET]
 
     # a setting switched on at resume is used (LightningCLI would parse the checkpoint's over it)
-    cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
+    with caplog.at_level(logging.WARNING, logger="popalign.module"):
+        cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
     assert cli.trainer.global_step == 3 and cli.model.ema is not None
+    # the changed setting is logged (README: "the changed settings are logged")
+    changed = [r.getMessage() for r in caplog.records if "with changed settings" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].endswith("with changed settings: ema_decay: None -> 0.9"), changed
     ckpt = torch.load(tmp_path / "runs/tiny/checkpoints/last.ckpt", weights_only=True)
     assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
     # a moved base with the same weights resumes
