@@ -458,9 +458,21 @@ def test_bad_card_inputs_name_the_file(full_run, tmp_path):
     )
 
 
-def test_cli(full_run, tmp_path, capsys):
-    assert main(["export", str(full_run[1]), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
+def test_cli(full_run, lora_run, tmp_path, capsys):
+    module, ckpt = full_run
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
     assert (tmp_path / "cli" / "unet" / "config.json").is_file()
+    saved = load_file(tmp_path / "cli" / "unet" / "diffusion_pytorch_model.safetensors")
+    policy = module.policy.state_dict()
+    assert saved.keys() == policy.keys()
+    assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], policy[k].half()) for k in saved)
+    # a LoRA's adapter tensors take --dtype too: the float32 export's values, cast
+    assert main(["export", str(lora_run[1]), "--out", str(tmp_path / "lora16"), "--dtype", "bf16"]) == 0
+    lora = load_file(tmp_path / "lora16" / LORA_WEIGHT_NAME)
+    full = load_file(export_checkpoint(lora_run[1], tmp_path / "lora32") / LORA_WEIGHT_NAME)
+    assert lora.keys() == full.keys() and full
+    assert all(full[k].dtype == torch.float32 for k in full)
+    assert all(lora[k].dtype == torch.bfloat16 and torch.equal(lora[k], full[k].bfloat16()) for k in lora)
     assert main(["export", str(tmp_path / "gone.ckpt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "gone.ckpt" in err and err.startswith("popalign export: error:")
