@@ -311,6 +311,23 @@ def test_out_below_a_file_is_one_line(full_run, tmp_path, capsys):
     assert log.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["fit1.log"]
 
 
+def test_missing_or_unexpected_weights_are_refused(full_run, tmp_path):
+    # load_state_dict(strict=False) would keep the base's value for a missing weight: refused instead
+    def drop(state):
+        del state["state_dict"]["policy.conv_in.weight"]
+
+    def add(state):
+        state["state_dict"]["policy.bogus.weight"] = torch.zeros(3)
+
+    missing = _rewrite(full_run[1], tmp_path / "missing.ckpt", drop)
+    _refuses(r"\(1 missing, 0 unexpected, e\.g\. conv_in\.weight\); pass --base", missing, ckpt=missing,
+             out=tmp_path / "a")  # fmt: skip
+    extra = _rewrite(full_run[1], tmp_path / "extra.ckpt", add)
+    _refuses(r"\(0 missing, 1 unexpected, e\.g\. bogus\.weight\); pass --base", extra, ckpt=extra,
+             out=tmp_path / "b")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def _damage_every_tensor(src, dst):
     """A copy of ``src`` whose stored tensor bytes are all 0xff (NaN as floats); the zip's CRCs stay."""
     shutil.copy(src, dst)
