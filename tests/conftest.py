@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,16 @@ def make_batch(pairs: int = 2, groups: int = 1, seed: int = 0, sources: bool = F
         batch["source_prompt_embeds"] = torch.randn(pairs, 77, TINY_D, generator=g).half()
         batch["source_pooled_prompt_embeds"] = torch.randn(pairs, TINY_DP, generator=g).half()
     return batch
+
+
+def frechet_by_numpy(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID of two feature matrices [N, F], independently of popalign.metrics: numpy mean and covariance
+    (ddof 1), and tr((S1 S2)^{1/2}) as the sum of square roots of the eigenvalues of S1 S2 (real and
+    >= 0 for two PSD matrices; rounding negatives of singular covariances clipped to 0)."""
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False, ddof=1), np.cov(fake, rowvar=False, ddof=1)
+    tr_root = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_root)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import frechet_by_numpy
 
 from popalign.cli import main
 from popalign.data.classifiers import AttributeClassifier
@@ -40,6 +41,24 @@ class DoctorAdherence(Adherence):
 
     def score(self, images, prompt_rows):
         return np.array([np.nan if r.kind == "generic" else float("doctor" in r.prompt) for r in prompt_rows])
+
+
+def _discrepancy_ci(table, target, pooled: bool = False, num_resamples: int = 1000, seed: int = 0) -> list:
+    """Percentile bootstrap of the discrepancy, written out: each prompt's row of counts (last column:
+    unknowns) is redrawn as a multinomial of its own size and frequencies; unknowns leave the
+    distribution, and a prompt left with no known image drops out of the mean."""
+    table, target = np.array(table, dtype=float), np.array(target)
+    n = table.sum(1).astype(int)
+    draws = np.random.default_rng(seed).multinomial(n, table / n[:, None], size=(num_resamples, len(n)))
+    counts = draws[..., :-1].astype(float)  # [R, prompts, classes]
+    if pooled:
+        total = counts.sum(1)
+        stats = np.linalg.norm(total / total.sum(-1, keepdims=True) - target, axis=-1)
+    else:
+        with np.errstate(invalid="ignore"):
+            d = np.linalg.norm(counts / counts.sum(-1, keepdims=True) - target, axis=-1)
+        stats = np.nanmean(d, axis=1)
+    return list(np.nanquantile(stats, [0.025, 0.975]))
 
 
 def test_summarise_by_hand():
@@ -81,9 +100,36 @@ def test_summarise_by_hand():
     assert m["generic.unknown_rate"] == pytest.approx(1 / 2)
     assert m["generic.clip_score"] == pytest.approx(15.0) and m["clip_score"] == pytest.approx(15.0)
     assert m["adherence.accuracy"] == pytest.approx(7 / 8) and m["adherence.num_images"] == 8
-    for key in ("neutral.discrepancy_ci", "specific.accuracy_ci", "adherence.accuracy_ci"):
-        low, high = m[key]
-        assert 0 <= low <= high <= 1.5
+    # intervals: the seeded bootstrap (1000 resamples, seed 0) of the data each metric is computed from
+    for key, values in [
+        ("specific.accuracy_ci", [1, 0, 0, 0]),  # joint: every named axis right
+        ("neutral.unknown_rate_ci", [0, 0, 0, 1, 0, 0]),
+        ("adherence.accuracy_ci", [1, 0, 1, 1, 1, 1, 1, 1]),
+        ("generic.clip_score_ci", [10.0, 20.0]),
+    ]:
+        assert m[key] == pytest.approx(mean_ci(np.array(values, dtype=float), num_resamples=1000, seed=0)), (
+            key
+        )
+    assert m["specific.accuracy_per_axis_ci"]["a"] == pytest.approx(mean_ci(np.array([1.0, 0, 1])))
+    assert m["specific.accuracy_per_axis_ci"]["b"] == pytest.approx(mean_ci(np.array([1.0, 0, 0])))
+    # discrepancy: images resampled within each prompt; rows = prompts, columns = classes + unknown
+    joint = [[2, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 2, 0, 0]]
+    assert m["neutral.discrepancy_ci"] == pytest.approx(_discrepancy_ci(joint, [1 / 6] * 6))
+    assert m["neutral.discrepancy_pooled_ci"] == pytest.approx(
+        _discrepancy_ci(joint, [1 / 6] * 6, pooled=True)
+    )
+    ci_a = _discrepancy_ci([[3, 1, 0], [0, 2, 0]], [1 / 2] * 2)
+    ci_b = _discrepancy_ci([[2, 0, 1, 1], [0, 2, 0, 0]], [1 / 3] * 3)
+    assert m["neutral.discrepancy_per_axis_ci"]["a"] == pytest.approx(ci_a)
+    assert m["neutral.discrepancy_per_axis_ci"]["b"] == pytest.approx(ci_b)
+    for key in (
+        "neutral.discrepancy",
+        "neutral.discrepancy_pooled",
+        "specific.accuracy",
+        "adherence.accuracy",
+    ):
+        low, high = m[f"{key}_ci"]
+        assert low <= m[key] <= high, key
 
 
 def test_mean_ci_contains_mean_and_narrows():
@@ -175,8 +221,16 @@ def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
     assert m["specific.accuracy"] == pytest.approx(0.5)
     # occupation read back: doctor images right (4 + 4), chef images show occupation 2 (4 wrong)
     assert m["adherence.accuracy"] == pytest.approx(8 / 12)
-    assert 0 <= m["fid"] < 50
     rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    # FID of the stored images against ref.npy, from numpy statistics of the same pixel features
+    from PIL import Image
+
+    from popalign.metrics import PixelStatsFeatures
+
+    stored = np.stack([np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in rows])
+    features = PixelStatsFeatures()
+    real, fake = (features(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy() for x in (ref, stored))
+    assert m["fid"] == pytest.approx(frechet_by_numpy(real, fake), rel=1e-6)
     assert len(rows) == 12 and rows[3]["labels"] == {"shirt": "blue", "tone": "dark"}
     assert len(list((out / "images").glob("*.png"))) == 12
 
@@ -239,39 +293,98 @@ def _sampling_args(model, files, out, images_per_prompt: int = 1):
             "--bootstrap", "100", "--out", str(out), "--no-progress"]  # fmt: skip
 
 
-def test_evaluate_tiny_pipeline_with_baseline(tiny_model, tiny_clip, prompt_files, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def other_seed_model(tmp_path_factory) -> str:
+    """The test base's architecture with other random weights (`popalign tiny --seed 1` makes one)."""
+    from popalign.models.tiny import TinySDXLConfig, save_tiny_sdxl
+
+    return str(
+        save_tiny_sdxl(tmp_path_factory.mktemp("seed1") / "model", TinySDXLConfig(image_size=16, seed=1))
+    )
+
+
+def _metrics_from_labels(out) -> dict:
+    """Discrepancy, unknown rate and specific accuracy recomputed from ``labels.jsonl``, whose labels
+    are checked first against ParityClassifier on the written PNGs (one gender axis: male, female)."""
+    from PIL import Image
+
+    from popalign.data.axes import load_axes
+
+    rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    images = np.stack([np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in rows])
+    names = [
+        "unknown" if c < 0 else ["male", "female"][c]
+        for c in ParityClassifier(load_axes(["gender"])).classify(images)["gender"]
+    ]
+    assert [r["labels"]["gender"] for r in rows] == names
+    neutral = [r for r in rows if r["kind"] == "neutral"]
+    per_prompt, pooled = [], np.zeros(2)
+    for pid in sorted({r["prompt_id"] for r in neutral}):
+        known = [
+            r["labels"]["gender"]
+            for r in neutral
+            if r["prompt_id"] == pid and r["labels"]["gender"] != "unknown"
+        ]
+        counts = np.array([known.count("male"), known.count("female")], dtype=float)
+        pooled += counts
+        if known:
+            per_prompt.append(np.linalg.norm(counts / counts.sum() - 0.5))
+    specific = [r for r in rows if r["kind"] == "specific"]
+    return {
+        "neutral.discrepancy": float(np.mean(per_prompt)),
+        "neutral.discrepancy_pooled": float(np.linalg.norm(pooled / pooled.sum() - 0.5)),
+        "neutral.unknown_rate": float(np.mean([r["labels"]["gender"] == "unknown" for r in neutral])),
+        "specific.accuracy": float(np.mean([r["labels"] == r["requested"] for r in specific])),
+    }  # fmt: skip
+
+
+def test_evaluate_tiny_pipeline_with_baseline(
+    tiny_model, other_seed_model, tiny_clip, prompt_files, tmp_path, capsys
+):
     ref = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "ref.npy", ref)
+    extra = ["--adherence", "test_evaluate:DoctorAdherence", "--clip-model", tiny_clip,
+             "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel"]  # fmt: skip
     out = tmp_path / "eval"
-    argv = _sampling_args(tiny_model, prompt_files, out) + [
-        "--baseline", tiny_model, "--adherence", "test_evaluate:DoctorAdherence", "--clip-model", tiny_clip,
-        "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel",
-    ]  # fmt: skip
-    code, err = _run(argv, capsys)
+    argv = _sampling_args(tiny_model, prompt_files, out, images_per_prompt=3)
+    code, err = _run(argv + ["--baseline", other_seed_model] + extra, capsys)
     assert code == 0, err
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
-    # 2 neutral prompts, 2 x 2 specific (gender expanded), 1 generic; one image each
-    assert m["neutral.num_images"] == 2 and m["specific.num_images"] == 4 and m["generic.num_images"] == 1
-    assert 0 <= m["neutral.discrepancy"] <= math.sqrt(2) and 0 <= m[
-        "neutral.discrepancy_pooled"
-    ] <= math.sqrt(2)
+    # 2 neutral prompts, 2 x 2 specific (gender expanded), 1 generic; three images each
+    assert m["neutral.num_images"] == 6 and m["specific.num_images"] == 12 and m["generic.num_images"] == 3
     assert set(m["neutral.discrepancy_per_axis"]) == {"gender"}
-    assert 0 <= m["neutral.unknown_rate"] <= 1 and 0 <= m["specific.accuracy"] <= 1
     # doctor prompts: 1 neutral + 2 specific of 6 judged prompts
     assert m["adherence.accuracy"] == pytest.approx(3 / 6)
-    assert 0 <= m["clip_score"] <= 100 and 0 <= m["generic.clip_score"] <= 100 and m["fid"] >= 0
-    # the baseline is the same model: same prompts and seeds give the same numbers
-    assert result["baseline"]["neutral.discrepancy"] == pytest.approx(m["neutral.discrepancy"])
-    assert all(v == pytest.approx(0) for v in result["delta"].values())
-    assert result["settings"]["images_per_prompt"] == 1 and result["settings"]["baseline"] == tiny_model
+    assert 0 <= m["clip_score"] <= 100 and 0 <= m["generic.clip_score"] <= 100
+    # the model's and the baseline's numbers are those of their own images' labels
+    for folder, metrics in ((out, m), (out / "baseline", result["baseline"])):
+        for key, value in _metrics_from_labels(folder).items():
+            assert metrics[key] == pytest.approx(value, abs=1e-6), (folder, key)
+    # the baseline's numbers are those the other model gets evaluated alone, on the same prompts and seeds
+    code, err = _run(_sampling_args(other_seed_model, prompt_files, tmp_path / "alone", 3) + extra, capsys)
+    assert code == 0, err
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["metrics"]
+    assert result["baseline"] == alone
+    # ... which are not the model's: another seed's weights draw other images from the same seeds
+    assert result["baseline"]["fid"] != pytest.approx(m["fid"], rel=1e-3)
+    # delta = model - baseline, for every scalar metric (counts and intervals excluded)
+    from popalign.evaluation.report import flatten
+
+    flat_m, flat_b = flatten(m), flatten(result["baseline"])
+    scalar = {k for k, v in flat_m.items() if isinstance(v, (int, float)) and "num_" not in k}
+    assert set(result["delta"]) == scalar and "fid" in scalar and "neutral.discrepancy" in scalar
+    for key in scalar:
+        assert result["delta"][key] == pytest.approx(flat_m[key] - flat_b[key], abs=1e-9), key
+    assert any(abs(v) > 1e-3 for v in result["delta"].values())
+    assert result["settings"]["images_per_prompt"] == 3 and result["settings"]["baseline"] == other_seed_model
     report = (out / "report.md").read_text()
     assert "| metric | model | baseline | delta |" in report and "| neutral.discrepancy |" in report
     for name in ("neutral_distributions.png", "comparison.png", "samples.png"):
         assert (out / "plots" / name).stat().st_size > 0
-    assert len((out / "labels.jsonl").read_text().splitlines()) == 7
-    assert len((out / "baseline" / "labels.jsonl").read_text().splitlines()) == 7
-    assert len(list((out / "images").glob("*.png"))) == 7
+    assert len((out / "labels.jsonl").read_text().splitlines()) == 21
+    assert len((out / "baseline" / "labels.jsonl").read_text().splitlines()) == 21
+    assert len(list((out / "images").glob("*.png"))) == 21
 
 
 def test_evaluate_model_from_python(tiny_model, prompt_files):

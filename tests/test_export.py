@@ -311,6 +311,23 @@ def test_out_below_a_file_is_one_line(full_run, tmp_path, capsys):
     assert log.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["fit1.log"]
 
 
+def test_missing_or_unexpected_weights_are_refused(full_run, tmp_path):
+    # load_state_dict(strict=False) would keep the base's value for a missing weight: refused instead
+    def drop(state):
+        del state["state_dict"]["policy.conv_in.weight"]
+
+    def add(state):
+        state["state_dict"]["policy.bogus.weight"] = torch.zeros(3)
+
+    missing = _rewrite(full_run[1], tmp_path / "missing.ckpt", drop)
+    _refuses(r"\(1 missing, 0 unexpected, e\.g\. conv_in\.weight\); pass --base", missing, ckpt=missing,
+             out=tmp_path / "a")  # fmt: skip
+    extra = _rewrite(full_run[1], tmp_path / "extra.ckpt", add)
+    _refuses(r"\(0 missing, 1 unexpected, e\.g\. bogus\.weight\); pass --base", extra, ckpt=extra,
+             out=tmp_path / "b")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def _damage_every_tensor(src, dst):
     """A copy of ``src`` whose stored tensor bytes are all 0xff (NaN as floats); the zip's CRCs stay."""
     shutil.copy(src, dst)
@@ -458,9 +475,21 @@ def test_bad_card_inputs_name_the_file(full_run, tmp_path):
     )
 
 
-def test_cli(full_run, tmp_path, capsys):
-    assert main(["export", str(full_run[1]), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
+def test_cli(full_run, lora_run, tmp_path, capsys):
+    module, ckpt = full_run
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
     assert (tmp_path / "cli" / "unet" / "config.json").is_file()
+    saved = load_file(tmp_path / "cli" / "unet" / "diffusion_pytorch_model.safetensors")
+    policy = module.policy.state_dict()
+    assert saved.keys() == policy.keys()
+    assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], policy[k].half()) for k in saved)
+    # a LoRA's adapter tensors take --dtype too: the float32 export's values, cast
+    assert main(["export", str(lora_run[1]), "--out", str(tmp_path / "lora16"), "--dtype", "bf16"]) == 0
+    lora = load_file(tmp_path / "lora16" / LORA_WEIGHT_NAME)
+    full = load_file(export_checkpoint(lora_run[1], tmp_path / "lora32") / LORA_WEIGHT_NAME)
+    assert lora.keys() == full.keys() and full
+    assert all(full[k].dtype == torch.float32 for k in full)
+    assert all(lora[k].dtype == torch.bfloat16 and torch.equal(lora[k], full[k].bfloat16()) for k in lora)
     assert main(["export", str(tmp_path / "gone.ckpt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "gone.ckpt" in err and err.startswith("popalign export: error:")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 
 from popalign.cli import main
@@ -12,10 +14,29 @@ from popalign.train_cli import cli_main
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
 
+WARMUP = [
+    "--model.init_args.lr_scheduler.class_path=popalign.optim.ConstantWithWarmup",
+    "--model.init_args.lr_scheduler.init_args.warmup_steps=8",
+]
+
+
+def _logged(run: Path, tag: str) -> dict[int, float]:
+    """``{step: value}`` of a scalar over every TensorBoard event file under ``run``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in run.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
 def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
-    cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=4", "--trainer.enable_progress_bar=false"])
+    fit = ["fit", "--config", CONFIG, *WARMUP, "--trainer.enable_progress_bar=false"]
+    cli_main([*fit, "--trainer.max_steps=4"])
     last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
     assert last.exists()
     assert list((tmp_path / "runs/tiny/logs").rglob("events.out.tfevents.*")), "no TensorBoard logs"
@@ -24,19 +45,17 @@ def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
 
     # a restart picks up the step counter, the optimizer and the schedule from `last`
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            CONFIG,
-            "--trainer.max_steps=6",
-            "--ckpt_path=last",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = cli_main([*fit, "--trainer.max_steps=6", "--ckpt_path=last"])
     assert cli.trainer.global_step == 6
     adam_steps = {int(s["step"]) for s in cli.trainer.optimizers[0].state.values()}
     assert adam_steps == {6}
+    # warm-up over 8 steps, stepped every optimizer step (not every epoch of 5 batches), across the
+    # restart: step s trains with lr = 1e-4 * (s + 1) / 8, as LearningRateMonitor logged it
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 7 / 8)
+    lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
+    assert sorted(lr) == list(range(6))
+    assert [lr[s] for s in range(6)] == pytest.approx([1e-4 * (s + 1) / 8 for s in range(6)], rel=1e-6)
 
 
 def test_bad_shards_path_is_one_line_error(tmp_path, monkeypatch, capsys):
@@ -66,7 +85,7 @@ def _fails(capsys, args: list[str]) -> list[str]:
 QUIET = ["--trainer.enable_progress_bar=false"]
 
 
-def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys):
+def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
     assert main(["tiny", "--out", "runs/other", "--groups", "2", "--seed", "1"]) == 0
@@ -74,8 +93,12 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
     resume = ["fit", "--config", CONFIG, "--ckpt_path=last", *QUIET]
 
     # a setting switched on at resume is used (LightningCLI would parse the checkpoint's over it)
-    cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
+    with caplog.at_level(logging.WARNING, logger="popalign.module"):
+        cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
     assert cli.trainer.global_step == 3 and cli.model.ema is not None
+    # the changed setting is logged (README: "the changed settings are logged")
+    changed = [r.getMessage() for r in caplog.records if "with changed settings" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].endswith("with changed settings: ema_decay: None -> 0.9"), changed
     ckpt = torch.load(tmp_path / "runs/tiny/checkpoints/last.ckpt", weights_only=True)
     assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
     # a moved base with the same weights resumes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -27,6 +26,15 @@ class MeanClassifier(AttributeClassifier):
     def classify(self, images):
         m = images.reshape(len(images), -1).mean(1).astype(np.int64)
         return {a.name: m % a.num_classes for a in self.axes}
+
+
+class SumClassifier(AttributeClassifier):
+    """Test plugin: class = (pixel sum) mod C, unknown when the sum is a multiple of 7: spreads the
+    images of one prompt over the classes, so per-prompt and pooled discrepancy differ."""
+
+    def classify(self, images):
+        s = images.reshape(len(images), -1).astype(np.int64).sum(1)
+        return {a.name: np.where(s % 7 == 0, -1, s % a.num_classes) for a in self.axes}
 
 
 class _Batches(Dataset):
@@ -61,7 +69,8 @@ def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path):
 
     module = PopAlignModule(tiny_model, objective=PopAlignLoss(beta=10.0))
     module.policy.train()  # Lightning keeps each submodule's mode; the callback must too
-    fair, probe = _callback(images_per_prompt=1, guidance_scale=1.0), _ModeProbe()
+    fair = _callback(images_per_prompt=3, guidance_scale=1.0, classifier="test_validation:SumClassifier")
+    probe = _ModeProbe()
     logger = TensorBoardLogger(tmp_path, name="logs")
     trainer = L.Trainer(
         accelerator="cpu", max_steps=3, logger=logger, enable_progress_bar=False, enable_model_summary=False,
@@ -70,14 +79,34 @@ def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path):
     trainer.fit(module, DataLoader(_Batches(batch_factory), batch_size=None))
     # at step 2 (every_n_steps) and at the end (step 3); the policy trains between the two
     assert fair.last_step == 3 and probe.modes == [True, True, True]
-    value = float(trainer.callback_metrics["val_fair/discrepancy"])
-    assert 0 <= value <= math.sqrt(2)
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
     steps = [e.step for e in events.Scalars("val_fair/discrepancy")]
     assert steps == [2, 3]
-    for tag in ("val_fair/discrepancy_pooled", "val_fair/discrepancy_gender", "val_fair/unknown_rate"):
-        assert tag in events.Tags()["scalars"]
     assert {"val_fair/samples", "val_fair/distributions"} <= set(events.Tags()["images"])
+
+    # by hand, from the labels of the same images: the seeds are fixed, the weights are step 3's
+    groups, labels, _ = fair.sample_and_label(trainer, module)
+    groups, labels = np.array(groups), labels[:, 0]  # one axis (gender: 2 classes), so joint == gender
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1]
+    known = labels >= 0
+    per_prompt = []
+    for j in range(len(PROMPTS)):
+        counts = np.bincount(labels[(groups == j) & known], minlength=2)
+        per_prompt.append(np.linalg.norm(counts / counts.sum() - 0.5))
+    pooled = np.bincount(labels[known], minlength=2)
+    expected = {
+        "val_fair/discrepancy": np.mean(per_prompt),
+        "val_fair/discrepancy_pooled": np.linalg.norm(pooled / pooled.sum() - 0.5),
+        "val_fair/discrepancy_gender": np.mean(per_prompt),
+        "val_fair/unknown_rate": 1 - known.mean(),
+    }
+    # the prompts' distributions differ, so the per-prompt mean is not the pooled value; one image is unknown
+    assert expected["val_fair/discrepancy"] != pytest.approx(expected["val_fair/discrepancy_pooled"])
+    assert expected["val_fair/unknown_rate"] > 0
+    for tag, value in expected.items():
+        assert float(trainer.callback_metrics[tag]) == pytest.approx(value, abs=1e-6), tag
+        (last,) = [e.value for e in events.Scalars(tag) if e.step == 3]
+        assert last == pytest.approx(value, abs=1e-6), tag
 
 
 def test_fixed_seeds_and_restored_mode(tiny_model):

@@ -186,6 +186,75 @@ def test_evaluate_base_reports_every_goal(tiny_base):
     assert set(r["augmented_axis_accuracy"]) == {"shirt", "tone"}
 
 
+class _PlannedPipeline:
+    """Stands in for the sampled pipeline: the k-th sample of a prompt is the k-th image planned for it
+    (float RGB in [0, 1], as ``output_type="np"`` gives)."""
+
+    def __init__(self, plan: dict[str, list[np.ndarray]]):
+        self.plan, self.seen = plan, {}
+
+    def to(self, device):
+        return self
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __call__(self, prompts, **kw):
+        images = []
+        for p in prompts:
+            k = self.seen[p] = self.seen.get(p, -1) + 1
+            images.append(self.plan[p][k].astype(np.float32) / 255)
+        return type("Out", (), {"images": np.stack(images)})()
+
+
+def test_evaluate_base_arithmetic_on_planned_renders(tiny_base, monkeypatch):
+    # 6 occupations x (1 neutral + 6 augmented prompts) x 2 samples, rendered with known classes
+    from diffusers import StableDiffusionXLPipeline
+
+    from popalign.world.render import render_batch
+
+    spec = wb.spec_from_dict(wb.read_meta(tiny_base)["spec"])
+    rng = np.random.default_rng(0)
+
+    def render(occ, shirt, tone):
+        return render_batch(np.array([occ]), {"shirt": np.array([shirt]), "tone": np.array([tone])}, rng)[0]
+
+    blank = np.zeros((spec.image_size,) * 2 + (3,), np.uint8)  # nothing readable: every label -1
+    plan = {}
+    for o in range(6):
+        # neutral: (red, light) and (blue, dark) for occupations 0-2; (red, light) twice for 3-4;
+        # occupation 5's second sample is unreadable
+        second = render(o, 1, 2) if o < 3 else render(o, 0, 0) if o < 5 else blank
+        plan[spec.neutral_prompt(o)] = [render(o, 0, 0), second]
+        for s in range(2):
+            for t in range(3):
+                plan[spec.augmented_prompt(o, (s, t))] = [render(o, s, t), render(o, s, t)]
+    # "red light doctor": one sample with the wrong shirt, the other with the wrong tone;
+    # "blue dark chef": one sample shows a pilot
+    plan[spec.augmented_prompt(0, (0, 0))] = [render(0, 1, 0), render(0, 0, 1)]
+    plan[spec.augmented_prompt(1, (1, 2))][0] = render(2, 1, 2)
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", lambda *a, **k: _PlannedPipeline(plan))
+
+    r = be.evaluate_base(tiny_base, n_per_prompt=2, num_inference_steps=2)
+    assert r["n_images"] == 84
+    # joint: both named classes shown. Two of 72 augmented samples miss one axis each -> 70/72
+    # (either axis right would give 72/72); per axis one miss each -> 71/72
+    assert r["augmented_accuracy"] == pytest.approx(70 / 72)
+    assert r["augmented_axis_accuracy"] == pytest.approx({"shirt": 71 / 72, "tone": 71 / 72})
+    # occupation: the pilot in a chef prompt and the blank image are wrong
+    assert r["occupation_accuracy"] == pytest.approx(82 / 84)
+    assert r["unknown_rate"] == pytest.approx(1 / 84)
+    # neutral joint over 2 x 3 cells, target 1/6: two cells at 1/2 -> d^2 = 2 (1/3)^2 + 4 (1/6)^2 = 1/3;
+    # one cell at 1 (occupations 3-5; occupation 5's unknown sample is left out) -> d^2 = 30/36
+    assert r["neutral_discrepancy"] == pytest.approx((3 * np.sqrt(1 / 3) + 3 * np.sqrt(30 / 36)) / 6)
+    # majority: known neutral samples showing the training-majority class of their occupation (11 known)
+    shown = {"shirt": [[0, 1]] * 3 + [[0, 0]] * 2 + [[0]], "tone": [[0, 2]] * 3 + [[0, 0]] * 2 + [[0]]}
+    for axis, per_occ in shown.items():
+        top = [spec.class_probs(o, axis).argmax() for o in range(6)]
+        expected = sum(c == top[o] for o, cs in enumerate(per_occ) for c in cs) / 11
+        assert r["neutral_majority"][axis] == pytest.approx(expected), axis
+
+
 def test_evaluate_needs_a_base_folder(tmp_path):
     with pytest.raises(UserError, match="popalign_base.json"):
         be.evaluate_base(tmp_path)
