@@ -388,3 +388,30 @@ def test_a_batch_the_unet_cannot_take_is_one_clear_error(tiny_model, batch_facto
         with pytest.raises(UserError, match=rf"do not fit {tiny_model}: .*{key.split('_')[0]}"):
             m.training_step(batch, 0)
     m.training_step(batch_factory(pairs=1), 0)  # a fitting batch passes
+
+
+def test_resume_starts_or_drops_the_ema_and_refuses_other_adapters(tiny_model, tmp_path):
+    trained = _module(tiny_model)
+    with torch.no_grad():
+        for p in trained.policy.parameters():
+            p.add_(0.01)
+    ckpt = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    trained.on_save_checkpoint(ckpt)
+
+    # ema_decay switched on at resume: the average starts at the checkpoint's weights
+    resumed = _module(tiny_model, ema_decay=0.9)
+    resumed.on_load_checkpoint(ckpt)
+    resumed.load_state_dict(ckpt["state_dict"])
+    for name, avg in resumed.ema.state_by_name().items():
+        assert torch.equal(avg, dict(trained.policy.named_parameters())[name].detach())
+    # and switched off again: the saved average is dropped instead of failing the strict load
+    with_ema = {"state_dict": resumed.state_dict(), "hyper_parameters": dict(resumed.hparams)}
+    resumed.on_save_checkpoint(with_ema)
+    plain = _module(tiny_model)
+    plain.on_load_checkpoint(with_ema)
+    plain.load_state_dict(with_ema["state_dict"])
+
+    lora = _module(tiny_model, lora_rank=4, lora_alpha=8.0)
+    saved = {"state_dict": lora.state_dict(), "hyper_parameters": {**lora.hparams, "lora_alpha": 4.0}}
+    with pytest.raises(UserError, match="trained with lora_alpha=4.0, this run has 8.0"):
+        _module(tiny_model, lora_rank=4, lora_alpha=8.0).on_load_checkpoint(saved)
