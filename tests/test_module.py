@@ -401,9 +401,12 @@ def test_resume_starts_or_drops_the_ema_and_refuses_other_adapters(tiny_model, t
     # ema_decay switched on at resume: the average starts at the checkpoint's weights
     resumed = _module(tiny_model, ema_decay=0.9)
     resumed.on_load_checkpoint(ckpt)
+    weights = dict(trained.policy.named_parameters())
+    for i, name in enumerate(resumed.ema.names):  # before loading: the entries must not alias the policy
+        assert torch.equal(ckpt["state_dict"][f"ema.shadow.{i}"], weights[name].detach())
     resumed.load_state_dict(ckpt["state_dict"])
     for name, avg in resumed.ema.state_by_name().items():
-        assert torch.equal(avg, dict(trained.policy.named_parameters())[name].detach())
+        assert torch.equal(avg, weights[name].detach())
     # and switched off again: the saved average is dropped instead of failing the strict load
     with_ema = {"state_dict": resumed.state_dict(), "hyper_parameters": dict(resumed.hparams)}
     resumed.on_save_checkpoint(with_ema)
