@@ -84,14 +84,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="time this local diffusers folder (unet/, scheduler/) instead of writing one")  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument(
+        "--steps", type=int, default=10, help="timed steps per configuration (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps first, where compilation happens (default: %(default)s)",
+    )
     p.add_argument("--precision", choices=("bf16-mixed", "32"), default=None,
                    help="autocast of the forward (default: bf16-mixed on CUDA, 32 on CPU)")  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak for MFU; default 989 = H100 SXM dense bf16 spec (H200: same)")  # fmt: skip
     p.add_argument("--no-fused", action="store_true", help="plain (foreach) AdamW instead of fused")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--workdir", type=Path, default=None, help="where the model is saved (default: a temp dir)"
     )
@@ -99,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.model is not None and not (args.model / "unet" / "config.json").is_file():
         raise UserError(f"--model {args.model}: no unet/config.json; expected a local diffusers folder")
     return args
@@ -106,10 +115,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def choose_device(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads``, pick the device, and fill in the device-dependent defaults of ``args``:
-    the tiny model without CUDA (unless ``--model``), bf16-mixed precision on CUDA, else float32."""
+    the tiny model without CUDA (unless ``--model``), bf16-mixed precision on CUDA, else float32.
+    Raises ``UserError`` for a device torch does not know or CUDA asked for where there is none."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UserError(f"--device {args.device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device!r}: CUDA is not available on this machine")
     if device.type != "cuda" and not args.tiny and args.model is None:
         log.warning("no CUDA device: falling back to the tiny model (--tiny)")
         args.tiny = True

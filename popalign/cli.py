@@ -22,6 +22,18 @@ import popalign.commands
 from popalign.errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after a flag's help, except where there is nothing to show: a required
+    argument, a default of ``None`` (the help says what unset means), or a help text that already
+    names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="popalign",
@@ -38,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.HELP,
             description=(module.__doc__ or module.HELP).strip(),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)

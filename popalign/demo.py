@@ -13,9 +13,13 @@ to rendered images of the *balanced* world), and ``seconds`` (wall time).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,124 @@ class DemoSettings:
     eval_seed: int = 10_000  # disjoint from the generation seeds
     objective: str = "popalign.objectives.PopAlignLoss"
     progress: bool = True
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+# the settings the images, labels and shards depend on: recorded in OUT/demo_data.json
+DATA_KEYS = ("seed", "neutral_images", "augmented_images", "population_size", "groups_per_prompt", "steps")
+DATA_KEYS += ("guidance_scale",)
+DATA_RECORD = "demo_data.json"
+# the demo's flag for each setting, for messages
+FLAGS = {
+    "train_steps": "--train-steps",
+    "neutral_images": "--neutral-images",
+    "augmented_images": "--augmented-images",
+    "eval_images": "--eval-images",
+    "eval_specific_images": "--eval-specific-images",
+    "threads": "--threads",
+    "seed": "--seed",
+}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, name)
+
+
+def check_settings(s: DemoSettings) -> dict:
+    """Check the settings and the output folder before any stage runs; returns the training config.
+
+    Raises :class:`UserError` (one line naming the demo's flag) for a size below 1, an ``--out`` that
+    is a file, a training config that cannot be used (see :func:`load_config`), or an ``--out`` whose
+    images were made with other sizes or another seed (see :func:`check_data_record`).
+    """
+    for name in ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images"):
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+    for name in ("population_size", "groups_per_prompt", "threads"):
+        value = getattr(s, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+    if s.steps is not None and s.steps < 1:
+        raise UserError(f"steps must be >= 1, got {s.steps}")
+    if s.guidance_scale is not None and s.guidance_scale < 0:
+        raise UserError(f"guidance_scale must be >= 0, got {s.guidance_scale}")
+    out = Path(s.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    config = load_config(s.config)
+    check_data_record(s)
+    return config
+
+
+def load_config(path: str | None) -> dict:
+    """The training config (``configs/demo.yaml`` when ``path`` is None), checked for what the demo
+    fills in: a ``trainer.logger`` with ``init_args`` (its ``save_dir``), a ``ModelCheckpoint`` with
+    ``save_last: true`` (the demo exports ``last.ckpt``), ``model.init_args.objective`` and ``data``."""
+    import yaml
+
+    file = Path(path) if path is not None else find_config()
+    where = f"--config {file}"
+    if not file.is_file():
+        raise UserError(f"{where}: no such file")
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{where}: not readable as YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: not a train.py config (a YAML mapping)")
+    trainer = config.get("trainer")
+    if not isinstance(trainer, dict):
+        raise UserError(f"{where}: no trainer section")
+    logger = trainer.get("logger")
+    if not isinstance(logger, dict) or not isinstance(logger.get("init_args"), dict):
+        raise UserError(
+            f"{where}: trainer.logger must be a logger with init_args (the demo sets its save_dir)"
+        )
+    checkpoints = [
+        c
+        for c in trainer.get("callbacks") or []
+        if isinstance(c, dict) and str(c.get("class_path", "")).endswith("ModelCheckpoint")
+    ]
+    if not any((c.get("init_args") or {}).get("save_last") is True for c in checkpoints):
+        raise UserError(
+            f"{where}: trainer.callbacks needs a ModelCheckpoint with save_last: true (the demo exports last.ckpt)"
+        )
+    model = (config.get("model") or {}).get("init_args")
+    if not isinstance(model, dict) or not isinstance(model.get("objective"), dict):
+        raise UserError(f"{where}: no model.init_args.objective")
+    if not isinstance(config.get("data"), dict):
+        raise UserError(f"{where}: no data section")
+    return config
+
+
+def check_data_record(s: DemoSettings, write: bool = False) -> None:
+    """The images, labels and shards in ``OUT`` must come from the same sizes and seed: those are
+    recorded in ``OUT/demo_data.json``, and a run that asks for others is refused (one line naming the
+    flags) instead of silently training on the old data. With ``write`` the record is (re)written
+    when it matches or when ``OUT`` holds no data yet."""
+    out = Path(s.out)
+    record, want = out / DATA_RECORD, {k: getattr(s, k) for k in DATA_KEYS}
+    data = [p for p in (out / "images", out / "labels.jsonl", out / "shards") if p.exists()]
+    if data:
+        keep = f"use another --out (copy {out / 'base'} into it to keep the cached base model)"
+        try:
+            have = json.loads(record.read_text())
+        except FileNotFoundError:
+            raise UserError(
+                f"--out {out}: holds images from a demo that did not record its sizes; {keep}, "
+                f"or delete {', '.join(str(p) for p in data)}"
+            ) from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{record}: unreadable ({err}); delete it with the images, or {keep}") from None
+        diff = [
+            f"{_flag(k)} {have.get(k)!r} (asked: {want[k]!r})" for k in DATA_KEYS if have.get(k) != want[k]
+        ]
+        if diff:
+            raise UserError(f"--out {out}: its images were made with {', '.join(diff)}; {keep}")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(record, want)
 
 
 def find_config(name: str = "demo.yaml") -> Path:
@@ -70,11 +192,17 @@ class _Steps:
 
 
 def _cli(args: list[str]) -> None:
-    from popalign.cli import main
+    """Run ``popalign ARGS`` in this process. Its :class:`UserError` is re-raised naming the stage and
+    Ctrl-C propagates as ``KeyboardInterrupt``, so the demo prints one line for either."""
+    from popalign.cli import build_parser
 
-    code = main(args)
+    ns = build_parser().parse_args(args)
+    try:
+        code = int(ns._run(ns) or 0)
+    except UserError as err:
+        raise UserError(f"{args[0]}: {err}") from None
     if code:
-        raise UserError(f"'popalign {' '.join(args[:1])}' failed with exit code {code}")
+        raise UserError(f"'popalign {args[0]}' failed with exit code {code}")
 
 
 def base_and_shards(s: DemoSettings, stage: _Steps) -> tuple[Path, int, float, Path]:
@@ -90,7 +218,9 @@ def base_and_shards(s: DemoSettings, stage: _Steps) -> tuple[Path, int, float, P
 
 
 def make_shards(s: DemoSettings, base: Path, steps: int, guidance: float, stage: _Steps) -> Path:
+    """``prompts``, ``generate``, ``label`` and ``build`` into ``OUT``; the sizes are recorded first."""
     out = Path(s.out)
+    check_data_record(s, write=True)
     quiet = [] if s.progress else ["--no-progress"]
     stage("prompts: world occupations x shirt x tone")
     _cli(
@@ -165,12 +295,13 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
     The run's own copy of the config (paths, seed, steps and objective filled in) is written to
     ``run/config.yaml`` first, so the run can be repeated by hand with ``train.py fit --config``.
+    When ``run/config.yaml`` already holds the same config, a finished training is not repeated and an
+    interrupted one resumes from ``run/checkpoints/last.ckpt`` (saved every ``every_n_train_steps``);
+    otherwise old checkpoints are deleted and training starts at step 0.
     """
     import yaml
 
-    from popalign.train_cli import cli_main
-
-    config = yaml.safe_load(Path(s.config or find_config()).read_text())
+    config = load_config(s.config)
     config["seed_everything"] = seed
     trainer = config["trainer"]
     trainer["max_steps"] = s.train_steps
@@ -188,16 +319,66 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
             "init_args": {} if s.objective.endswith("SFTLoss") else {"beta": beta},
         }
     config["data"]["train_shards"] = str(shards)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for stale in (run / "checkpoints").glob("*.ckpt"):
-        stale.unlink()  # a re-run must export its own checkpoint, not the previous run's
-    cli_main(["fit", "--config", str(run / "config.yaml")])
+    text = yaml.safe_dump(config, sort_keys=False)
+    path, last, done = run / "config.yaml", run / "checkpoints" / "last.ckpt", run / "trained.json"
+    key = hashlib.sha256(text.encode()).hexdigest()
+    same = path.is_file() and path.read_text() == text
+    if same and last.is_file() and _read_json(done).get("key") == key:
+        print(f"{run}: already trained with this config; exporting {last}", flush=True)
+    else:
+        done.unlink(missing_ok=True)
+        if same and last.is_file():
+            print(f"{run}: resuming the interrupted training from {last}", flush=True)
+            _fit(["fit", "--config", str(path), "--ckpt_path", str(last)])
+        else:
+            run.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            for stale in (run / "checkpoints").glob("*.ckpt"):
+                stale.unlink()  # a re-run must export its own checkpoint, not the previous run's
+            _fit(["fit", "--config", str(path)])
+        write_json(done, {"key": key})
     ema = ["--ema"] if model.get("ema_decay") is not None else []  # the averaged weights, when kept
-    _cli(
-        ["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(run / "aligned"), "--overwrite", *ema]
-    )
+    _cli(["export", str(last), "--out", str(run / "aligned"), "--overwrite", *ema])
     return run / "aligned"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _fit(args: list[str]) -> None:
+    """``train.py ARGS`` in this process. Lightning answers Ctrl-C with ``sys.exit(1)`` (and ignores
+    SIGINT from then on); here that becomes a ``KeyboardInterrupt`` again, and a user error of the
+    config a :class:`UserError`, so the demo reports either in one line."""
+    from popalign.train_cli import _build, _user_error_in
+
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        _build(args, True)
+    except SystemExit as err:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        if err.code:
+            raise UserError(f"train.py {' '.join(args)}: exited with status {err.code}") from None
+    except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
+        user_error = _user_error_in(err)
+        if user_error is None:
+            raise
+        raise UserError(f"train: {user_error}") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def fid_reference(path: Path, n: int, seed: int) -> Path:
@@ -274,11 +455,29 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_demo(s: DemoSettings) -> dict:
-    t0 = time.time()
+def _start(s: DemoSettings, stale: list[Path]) -> None:
+    """Check everything up front, remove the outputs this run replaces (an interrupted run must not
+    leave the previous results looking current) and apply ``threads``."""
+    check_settings(s)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").unlink(missing_ok=True)  # never leave a stale report looking current
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if s.threads is not None:
+        import torch
+
+        torch.set_num_threads(s.threads)
+
+
+def run_demo(s: DemoSettings) -> dict:
+    """The demo: base model, shards, training, export and the evaluation of base and aligned model;
+    writes ``OUT/report.json`` (returned) beside ``OUT/eval``. Every setting is checked first."""
+    t0 = time.time()
+    out = Path(s.out)
+    _start(s, [out / "report.json", out / "eval"])
     stage = _Steps(7)
     base, steps, guidance, shards = base_and_shards(s, stage)
     stage(f"train: {s.objective.rsplit('.', 1)[-1]} for {s.train_steps} steps, then export")
@@ -312,32 +511,111 @@ COMPARE_OBJECTIVES = (
     "popalign.objectives.DiffusionDPOLoss",
     "popalign.objectives.SFTLoss",
 )
+COMPARE_SEEDS = (0, 1, 2)
 
 
-def run_compare(s: DemoSettings, seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
-    """The miniature of the paper's table: every objective x seeds from the same base and shards."""
+def demo_command(
+    s: DemoSettings, compare: bool = False, seeds=COMPARE_SEEDS, objectives=COMPARE_OBJECTIVES
+) -> str:
+    """The ``popalign demo`` command line that reproduces ``s`` (flags at their defaults left out)."""
+    default = DemoSettings()
+    parts = ["popalign demo"] + (["--compare"] if compare else []) + [f"--out {s.out}"]
+    if s.config is not None:
+        parts.append(f"--config {s.config}")
+    for name in ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images"):
+        if getattr(s, name) != getattr(default, name):
+            parts.append(f"{_flag(name)} {getattr(s, name)}")
+    if s.seed != default.seed:
+        parts.append(f"--seed {s.seed}")
+    if compare and tuple(seeds) != COMPARE_SEEDS:
+        parts.append("--compare-seeds " + " ".join(str(x) for x in seeds))
+    if compare and tuple(objectives) != COMPARE_OBJECTIVES:
+        parts.append("--compare-objectives " + " ".join(o.rsplit(".", 1)[-1] for o in objectives))
+    other = [f.name for f in fields(DemoSettings) if f.name not in (*FLAGS, "out", "config", "progress")]
+    extra = {k: getattr(s, k) for k in other if getattr(s, k) != getattr(default, k) and k != "objective"}
+    return " ".join(parts) + (f" (DemoSettings: {extra})" if extra else "")
+
+
+def _result_settings(s: DemoSettings) -> dict:
+    # the settings a run's numbers depend on (not the progress bars or the thread count)
+    return {k: v for k, v in asdict(s).items() if k not in ("progress", "threads")}
+
+
+def _cached(path: Path, key: str, compute) -> dict[str, float]:
+    """``compute()`` (a summary row), or the one saved at ``path`` by an earlier run with the same key."""
+    saved = _read_json(path)
+    if saved.get("key") == key and isinstance(saved.get("summary"), dict):
+        print(f"{path.parent}: done by an earlier run with the same settings; reusing its result", flush=True)
+        return saved["summary"]
+    path.unlink(missing_ok=True)
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "summary": row})
+    return row
+
+
+def run_compare(
+    s: DemoSettings, seeds: tuple[int, ...] = COMPARE_SEEDS, objectives: tuple[str, ...] = COMPARE_OBJECTIVES
+) -> Path:
+    """The miniature of the paper's table: every objective x seeds from the same base and shards.
+
+    Writes ``OUT/compare.md`` and ``OUT/compare.json`` (command, settings, per-run summaries), removing
+    the previous ones first. Each finished run keeps its summary in ``OUT/compare/<run>/result.json``
+    under a key of every setting it depends on, so running the same command again after an interrupt
+    skips the finished runs."""
     import numpy as np
 
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--compare-seeds must be distinct seeds, got {list(seeds)}")
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise UserError(f"--compare-objectives must be distinct objectives, got {list(objectives)}")
     out = Path(s.out)
-    stage = _Steps(6 + len(COMPARE_OBJECTIVES) * len(seeds))
+    _start(s, [out / "compare.md", out / "compare.json"])
+    stage = _Steps(6 + len(objectives) * len(seeds))
     base, steps, guidance, shards = base_and_shards(s, stage)
+    # what an evaluation depends on besides the run's own config (hashed in train_and_export)
+    evaluation = json.dumps(
+        {k: getattr(s, k) for k in ("eval_images", "eval_specific_images", "eval_seed")}
+        | {"steps": steps, "guidance_scale": guidance, "data": {k: getattr(s, k) for k in DATA_KEYS}},
+        sort_keys=True,
+    )
     stage("evaluate the base model")
+    key = hashlib.sha256(f"base {evaluation}".encode()).hexdigest()
     rows = {
-        "base": [summary(evaluate_pair(s, base, None, out / "compare" / "base", steps, guidance)["metrics"])]
+        "base": [
+            _cached(
+                out / "compare" / "base" / "result.json",
+                key,
+                lambda: summary(
+                    evaluate_pair(s, base, None, out / "compare" / "base", steps, guidance)["metrics"]
+                ),
+            )
+        ]
     }
-    for objective in COMPARE_OBJECTIVES:
+    for objective in objectives:
         name = objective.rsplit(".", 1)[-1]
         for seed in seeds:
             stage(f"{name}, seed {seed}: train, export, evaluate")
             run = out / "compare" / f"{name}-s{seed}"
             settings = DemoSettings(**(asdict(s) | {"objective": objective}))
-            aligned = train_and_export(settings, base, shards, run, seed)
-            # the base was evaluated once above, on the same seeds
-            metrics = evaluate_pair(settings, base, aligned, run / "eval", steps, guidance, False)["metrics"]
-            rows.setdefault(name, []).append(summary(metrics))
+            key = hashlib.sha256(
+                json.dumps(
+                    [_result_settings(settings), seed, evaluation, load_config(s.config)], sort_keys=True
+                ).encode()
+            ).hexdigest()
+
+            def one(settings=settings, run=run, seed=seed) -> dict[str, float]:
+                aligned = train_and_export(settings, base, shards, run, seed)
+                # the base was evaluated once above, on the same seeds
+                return summary(
+                    evaluate_pair(settings, base, aligned, run / "eval", steps, guidance, False)["metrics"]
+                )
+
+            rows.setdefault(name, []).append(_cached(run / "result.json", key, one))
+    command = demo_command(s, True, seeds, objectives)
     lines = [
         f"Objectives from the same biased base and shards, {len(seeds)} seeds (mean ± sd); "
-        f"{s.train_steps} steps each. Command: `popalign demo --compare --out {s.out}`.",
+        f"{s.train_steps} steps each. Command: `{command}`.",
         "",
         "| objective | " + " | ".join(REPORT_KEYS) + " |",
         "|---" * (len(REPORT_KEYS) + 1) + "|",
@@ -350,8 +628,17 @@ def run_compare(s: DemoSettings, seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
                 f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    write_json(
+        out / "compare.json",
+        {
+            "command": command,
+            "settings": asdict(s) | {"steps": steps, "guidance_scale": guidance, "seeds": list(seeds)},
+            "rows": rows,
+        },
+    )
     path = out / "compare.md"
-    path.write_text("\n".join(lines) + "\n")
-    write_json(out / "compare.json", rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
     print("\n".join(lines))
     return path

@@ -35,17 +35,24 @@ def bench():
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys):
+def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys, monkeypatch):
+    from popalign.models import step_timing
+
+    def broken(module):
+        raise ValueError("channels-last broken on purpose")
+
+    monkeypatch.setattr(step_timing, "to_channels_last", broken)
     out = tmp_path / "b.json"
     argv = ["--model", tiny_model, "--device", "cpu", "--steps", "1", "--warmup", "0", "--out", str(out)]
-    # a broken configuration is recorded and the run goes on (exit status 1); the module is rebuilt
-    # after it, and b2 after b4+ckpt also checks that checkpointing does not leak into the next row
-    configs = ["b2+original", "b4+ckpt", "b2+ckpt=bogus", "b2"]
+    # a configuration that fails while it runs is recorded and the run goes on (exit status 1); the
+    # module is rebuilt after it, and b2 after b4+ckpt also checks that checkpointing does not leak
+    # into the next row
+    configs = ["b2+original", "b4+ckpt", "b2+cl", "b2"]
     assert bench.main([*argv, "--configs", *configs]) == 1
     result = json.loads(out.read_text())
     rows = {r["spec"]: r for r in result["rows"]}
     assert list(rows) == configs
-    assert rows.pop("b2+ckpt=bogus")["error"].startswith("ValueError: unknown checkpoint policy 'bogus'")
+    assert rows.pop("b2+cl")["error"] == "ValueError: channels-last broken on purpose"
     for row in rows.values():
         assert row["error"] is None
         assert row["samples_per_s"] > 0 and row["counted_tflop"] > 0 and row["model_tflop"] > 0
@@ -60,7 +67,7 @@ def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys):
     assert result["meta"]["unet_params"] == sum(p.numel() for p in load_unet(tiny_model).parameters())
     assert result["meta"]["peak_tflops"] == 989.0 and "--model" in result["meta"]["command"]
     table = capsys.readouterr().out
-    assert "MFU %" in table and "b2+ckpt=bogus" in table and "error" in table
+    assert "MFU %" in table and "b2+cl" in table and "error" in table
 
 
 def test_counted_flops_are_linear_in_the_batch(tiny_model):
@@ -113,6 +120,39 @@ def test_config_specs():
         StepConfig.parse("b4+fast")
     with pytest.raises(UserError, match="must be even"):
         StepConfig.parse("b3")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("b4+ckpt=bogus", "unknown checkpoint policy 'bogus'"),
+        ("b2+lora0", "LoRA rank must be >= 1"),
+        ("b2+compile=fast", "unknown compile mode 'fast'"),
+    ],
+)
+def test_specs_that_cannot_run_fail_before_any_work(bench, tmp_path, monkeypatch, spec, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was written for a spec that cannot run")
+
+    monkeypatch.setattr(bench, "write_model", no_model)
+    with pytest.raises(UserError, match=message):
+        bench.main(["--tiny", "--device", "cpu", "--configs", spec])
+
+
+def test_cuda_without_cuda_is_a_user_error(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device 'cuda': CUDA is not available"):
+        bench.main(["--tiny", "--device", "cuda", "--configs", "b2"])
+    with pytest.raises(UserError, match="--device 'nope'"):
+        bench.main(["--tiny", "--device", "nope", "--configs", "b2"])
+
+
+def test_help_shows_the_defaults(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "per configuration (default: 10)" in text and "happens (default: 2)" in text
+    assert "torch CPU threads (default: torch's)" in text
 
 
 def test_sdxl_config_has_sdxl_size():

@@ -2,8 +2,9 @@
 
 Trains a tiny SDXL-architecture pipeline on the biased world dataset and saves it at --out with
 save_pretrained: it loads with StableDiffusionXLPipeline.from_pretrained, like SDXL. The file
-popalign_base.json in that folder holds the cache key, the recommended sampling settings and the
-build timings; a second run with the same settings returns at once, --force rebuilds.
+popalign_base.json in that folder holds the cache key, the recommended sampling settings, the build
+timings and the size of every file; a second run with the same settings returns at once (a folder
+with a missing or truncated file is rebuilt), --force rebuilds.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from popalign.errors import UserError
-    from popalign.world.base import BaseTrainConfig, build_base_model, read_meta
+    from popalign.world.base import BaseTrainConfig, build_base_model, cache_problem, read_meta
     from popalign.world.base_eval import evaluate_base
 
     if args.threads < 1:
@@ -50,17 +51,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--device {args.device!r}: CUDA is not available on this machine")
     torch.set_num_threads(args.threads)
 
-    path = build_base_model(
-        args.out,
-        config=BaseTrainConfig(seed=args.seed),
-        force=args.force,
-        device=device,
-        progress=not args.quiet,
-    )
+    config = BaseTrainConfig(seed=args.seed)
+    reused = not args.force and cache_problem(args.out, config=config) is None
+    path = build_base_model(args.out, config=config, force=args.force, device=device, progress=not args.quiet)
     meta = read_meta(path) or {}
+    built = f"{meta['timings']['total_s']:.0f} s"
     print(f"base model: {path}")
     print(
-        f"  build took {meta['timings']['total_s']:.0f} s; recommended sampling: {json.dumps(meta['sampling'])}"
+        f"  {f'up to date, reused (built earlier in {built})' if reused else f'built in {built}'}; "
+        f"recommended sampling: {json.dumps(meta['sampling'])}"
     )
     if args.evaluate:
         result = evaluate_base(path, n_per_prompt=args.evaluate, seed=args.seed, device=device)

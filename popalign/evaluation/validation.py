@@ -7,8 +7,9 @@ the UNet is the module's own ``policy``, LoRA adapters included), with fixed per
 successive points of the curve differ only by the weights. Images are labelled and the discrepancy
 (:class:`popalign.metrics.Discrepancy`, synchronised across processes) is logged as
 ``val_fair/discrepancy`` (joint classes), ``val_fair/discrepancy_pooled``,
-``val_fair/discrepancy_<axis>`` and ``val_fair/unknown_rate``, plus an image grid and a bar chart of
-the class distributions when the logger is a TensorBoardLogger.
+``val_fair/discrepancy_<axis>`` and ``val_fair/unknown_rate``, plus an image grid (rank 0's first 8
+prompts, one row of up to 8 images each) and a bar chart of the class distributions when the logger
+is a TensorBoardLogger. The weights sampled are the live ones, not an EMA average (``ema_decay``).
 
 Each process samples every ``world_size``-th prompt. Works with single-device and DDP training;
 sharded strategies (FSDP, DeepSpeed ZeRO-3) would need every rank in every UNet call and are not
@@ -27,6 +28,8 @@ from lightning.pytorch.callbacks import Callback
 
 from popalign.errors import UserError
 from popalign.evaluation.inputs import build_classifier, check_labels, joint_axis, split_prompts
+
+GRID_ROWS, GRID_COLS = 8, 8  # val_fair/samples: the first 8 prompts (of rank 0), 8 images each
 
 
 def neutral_texts(prompts: list[str] | str, axes: list[Any]) -> list[str]:
@@ -49,15 +52,16 @@ class FairnessValidation(Callback):
 
     Args:
         prompts: neutral prompts, or a prompt file / shipped set name (e.g. ``occupations_eval``).
-        axes: bias axes (shipped names or YAML paths); the target is the product of their targets.
+        axes: bias axes (shipped names or YAML paths; a single string is one axis); the target is the
+            product of their targets.
         classifier: ``clip``, ``world`` or ``package.module:ClassName``.
         classifier_model: classifier weights (``clip`` defaults to openai/clip-vit-large-patch14).
         images_per_prompt: images sampled per prompt; cost = prompts x images x steps UNet calls (x2
             with guidance).
         steps: denoising steps per image.
-        guidance_scale: classifier-free guidance scale.
-        height: image height in pixels.
-        width: image width in pixels.
+        guidance_scale: classifier-free guidance scale (>= 0; at most 1 samples without guidance).
+        height: image height in pixels (a positive multiple of 8).
+        width: image width in pixels (a positive multiple of 8).
         every_n_steps: run after every this many optimizer steps (and at the end of training).
         seed: base of the fixed per-image seeds.
     """
@@ -65,7 +69,7 @@ class FairnessValidation(Callback):
     def __init__(
         self,
         prompts: list[str] | str,
-        axes: list[str],
+        axes: list[str] | str,
         classifier: str,
         classifier_model: str | None = None,
         images_per_prompt: int = 8,
@@ -83,13 +87,27 @@ class FairnessValidation(Callback):
             ("images_per_prompt", images_per_prompt),
             ("steps", steps),
             ("every_n_steps", every_n_steps),
+            ("height", height),
+            ("width", width),
         ):
-            if value < 1:
-                raise UserError(f"FairnessValidation: {name} must be >= 1, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"FairnessValidation: {name} must be an integer >= 1, got {value!r}")
         if height % 8 or width % 8:
             raise UserError(
                 f"FairnessValidation: height and width must be multiples of 8, got {height}x{width}"
             )
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not guidance_scale >= 0
+        ):
+            raise UserError(
+                f"FairnessValidation: guidance_scale must be a number >= 0 (<= 1: no guidance), got {guidance_scale!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"FairnessValidation: seed must be an integer, got {seed!r}")
+        if isinstance(axes, str):
+            axes = [axes]  # one axis, not a sequence of one-letter names
         self.axes = load_axes(axes)
         self.joint = joint_axis(self.axes, None)
         self.prompts = neutral_texts(prompts, self.axes)
@@ -213,18 +231,30 @@ class FairnessValidation(Callback):
             self._log_media(trainer, images, distributions)
         return values
 
+    def sample_grid(self, images: np.ndarray, rows: int = GRID_ROWS, cols: int = GRID_COLS) -> np.ndarray:
+        """The logged grid of this rank's ``images`` (``images_per_prompt`` per prompt, in prompt order):
+        one row per prompt, its first ``cols`` images, for the first ``rows`` prompts."""
+        from popalign.evaluation.plots import image_grid
+
+        per = self.images_per_prompt
+        n = min(len(images) // per, rows)
+        cols = min(per, cols)
+        picked = images[: n * per].reshape(n, per, *images.shape[1:])[:, :cols]
+        return image_grid(picked.reshape(-1, *images.shape[1:]), ncol=cols)
+
     def _log_media(self, trainer: L.Trainer, images: np.ndarray, distributions: np.ndarray) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from popalign.evaluation.plots import distribution_figure, image_grid
+        from popalign.evaluation.plots import distribution_figure
 
         for logger in trainer.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
             step = trainer.global_step
             if len(images):
-                grid = image_grid(images[:64], ncol=self.images_per_prompt)
-                logger.experiment.add_image("val_fair/samples", grid, step, dataformats="HWC")
+                logger.experiment.add_image(
+                    "val_fair/samples", self.sample_grid(images), step, dataformats="HWC"
+                )
             fig = distribution_figure(
                 distributions.tolist(), self.prompts, self.joint.class_names, self.joint.target
             )

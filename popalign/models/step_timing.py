@@ -22,6 +22,7 @@ import torch
 from popalign.errors import UserError
 from popalign.models.flops import count_flops, count_host_syncs, utilization
 from popalign.models.speed import (
+    CHECKPOINT_POLICIES,
     REPEATED_BLOCKS,
     compile_repeated_blocks,
     selective_checkpointing,
@@ -30,6 +31,12 @@ from popalign.models.speed import (
 from popalign.models.synthetic_step import make_batch, make_step, read_shapes
 
 log = logging.getLogger(__name__)
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
 
 
 @dataclass
@@ -47,7 +54,8 @@ class StepConfig:
 
     @classmethod
     def parse(cls, spec: str) -> StepConfig:
-        """Parse ``spec``; raises ``UserError`` for an unknown token or a batch that is not even >= 2."""
+        """Parse ``spec``; raises ``UserError`` for an unknown token, checkpoint policy or compile mode,
+        a LoRA rank below 1, or a batch that is not even >= 2, so a bad spec fails before any work."""
         cfg = cls(spec=spec)
         for token in spec.split("+"):
             key, _, value = token.partition("=")
@@ -55,12 +63,23 @@ class StepConfig:
                 cfg.batch = int(key[1:])
             elif key == "ckpt":
                 cfg.checkpointing = value or "full"
+                if cfg.checkpointing != "full" and cfg.checkpointing not in CHECKPOINT_POLICIES:
+                    raise UserError(
+                        f"--configs: {spec!r}: unknown checkpoint policy {value!r}; "
+                        f"use ckpt, or ckpt= one of {', '.join(sorted(CHECKPOINT_POLICIES))}"
+                    )
             elif key in ("compile", "compile_all"):
                 cfg.compile, cfg.compile_all = value or "default", key == "compile_all"
+                if cfg.compile not in COMPILE_MODES:
+                    raise UserError(
+                        f"--configs: {spec!r}: unknown compile mode {value!r}; choose one of {', '.join(COMPILE_MODES)}"
+                    )
             elif key == "cl" and not value:
                 cfg.channels_last = True
             elif key[:4] == "lora" and key[4:].isdigit() and not value:
                 cfg.lora_rank = int(key[4:])
+                if cfg.lora_rank < 1:
+                    raise UserError(f"--configs: {spec!r}: the LoRA rank must be >= 1 (lora4, lora16, ...)")
             elif key == "original" and not value:
                 cfg.original = True
             else:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,18 @@ from popalign.world.render import sample_dataset
 
 CODE_VERSION = "world-base-1"  # bump when training changes so cached models rebuild
 META_FILE = "popalign_base.json"
+# what save_pretrained writes for the tiny pipeline: checked in folders built before "files" was recorded
+REQUIRED_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer_2/tokenizer_config.json",
+    *(f"{part}/config.json" for part in ("unet", "vae", "text_encoder", "text_encoder_2")),
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
+)
 
 
 @dataclass
@@ -97,6 +110,43 @@ def read_meta(path: str | Path) -> dict | None:
         return json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{meta}: unreadable base-model metadata ({err})") from err
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every file in a base-model folder but the metadata."""
+    return {
+        f.relative_to(path).as_posix(): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != META_FILE
+    }
+
+
+def cache_problem(
+    path: str | Path, spec: WorldSpec | None = None, config: BaseTrainConfig | None = None
+) -> str | None:
+    """Why ``path`` is not a usable cached base model of ``spec`` and ``config`` (``None``: it is).
+
+    Usable means: its ``popalign_base.json`` holds the same :func:`cache_key`, and every file recorded
+    there at build time is present with its size (folders built before sizes were recorded: the files
+    in :data:`REQUIRED_FILES` are present).
+    """
+    path = Path(path)
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is None:
+        return "no base model"
+    if meta.get("key") != cache_key(spec or WorldSpec(), config or BaseTrainConfig()):
+        return "built with other settings"
+    recorded = meta.get("files")
+    if isinstance(recorded, dict):
+        have = file_sizes(path)
+        bad = [f for f, size in recorded.items() if have.get(f) != size]
+    else:
+        bad = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if bad:
+        return f"incomplete: {bad[0]} is missing or truncated" + (
+            f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        )
+    return None
 
 
 def spec_from_dict(data: dict) -> WorldSpec:
@@ -289,7 +339,8 @@ def build_base_model(
 ) -> Path:
     """Train and save the biased base model at ``out_dir``, or return at once when it is cached.
 
-    The folder is reused when its ``popalign_base.json`` holds the same :func:`cache_key`; otherwise
+    The folder is reused when :func:`cache_problem` finds nothing wrong with it (the same
+    :func:`cache_key`, every recorded file present with its size); otherwise
     (or with ``force``) the model is rebuilt in a temporary folder beside ``out_dir`` and renamed into
     place only when complete. A non-empty folder that is not a base model is never overwritten.
     """
@@ -298,8 +349,12 @@ def build_base_model(
     spec, cfg, out = spec or WorldSpec(), config or BaseTrainConfig(), Path(out_dir)
     key = cache_key(spec, cfg)
     meta = read_meta(out) if out.is_dir() else None
-    if meta is not None and meta.get("key") == key and not force and (out / "model_index.json").is_file():
-        return out
+    if meta is not None and not force:
+        problem = cache_problem(out, spec, cfg)
+        if problem is None:
+            return out
+        if problem.startswith("incomplete"):
+            print(f"{out}: the cached base model is {problem}; rebuilding it", file=sys.stderr, flush=True)
     if out.exists() and (not out.is_dir() or (meta is None and any(out.iterdir()))):
         raise UserError(f"{out}: exists and is not a popalign base model; choose another output folder")
 
@@ -320,6 +375,7 @@ def build_base_model(
             "sampling": {**sampling, "height": spec.image_size, "width": spec.image_size},
             **summary,
         }
+        meta["files"] = file_sizes(tmp)  # checked when the folder is reused
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():  # move the old one aside first: the rename below must find no folder
             old = out.parent / f".{out.name}.old-{os.getpid()}"

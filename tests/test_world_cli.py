@@ -1,0 +1,116 @@
+"""A cached world base model is reused only when it is complete, and `popalign world` says whether it
+built or reused the folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+
+import pytest
+
+from popalign.cli import main as cli_main
+from popalign.world import base as wb
+
+# a reduced build: tiny sizes, two optimiser steps per part (seconds on a CPU)
+TINY = wb.BaseTrainConfig(
+    n_per_prompt=2,
+    text_hidden=16,
+    text_layers=1,
+    unet_channels=(16, 32),
+    attention_head_dim=(2, 4),
+    vae_channels=(8, 8, 8),
+    vae_steps=2,
+    vae_batch=4,
+    unet_steps=2,
+    unet_batch=4,
+    warmup_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return wb.build_base_model(tmp_path_factory.mktemp("base") / "model", config=TINY, progress=False)
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    calls = []
+    real = wb._train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wb, "_train", counted)
+    return calls
+
+
+def test_build_records_every_file_size(tiny_base):
+    files = wb.read_meta(tiny_base)["files"]
+    assert set(wb.REQUIRED_FILES) <= set(files)
+    assert (
+        files["unet/diffusion_pytorch_model.safetensors"]
+        == (tiny_base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    )
+    assert wb.cache_problem(tiny_base, config=TINY) is None
+
+
+@pytest.mark.parametrize("damage", ["delete_weights", "delete_config", "truncate"])
+def test_incomplete_cache_is_rebuilt(tiny_base, tmp_path, count_training, capsys, damage):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_base, out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "delete_weights":
+        weights.unlink()
+    elif damage == "delete_config":
+        (out / "unet" / "config.json").unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    assert wb.cache_problem(out, config=TINY).startswith("incomplete: unet/")
+    wb.build_base_model(out, config=TINY, progress=False)
+    assert count_training == [1]
+    assert "the cached base model is incomplete" in capsys.readouterr().err
+    assert wb.cache_problem(out, config=TINY) is None and weights.stat().st_size > 100
+
+
+def test_folder_without_recorded_sizes_checks_the_required_files(tiny_base, tmp_path):
+    # base models built before the sizes were recorded (e.g. an existing runs/demo/base)
+    out = tmp_path / "model"
+    shutil.copytree(tiny_base, out)
+    meta = wb.read_meta(out)
+    del meta["files"]
+    (out / wb.META_FILE).write_text(json.dumps(meta))
+    assert wb.cache_problem(out, config=TINY) is None
+    (out / "text_encoder_2" / "model.safetensors").unlink()
+    assert (
+        wb.cache_problem(out, config=TINY)
+        == "incomplete: text_encoder_2/model.safetensors is missing or truncated"
+    )
+    assert wb.cache_problem(out, config=dataclasses.replace(TINY, seed=1)) == "built with other settings"
+    assert wb.cache_problem(tmp_path / "none", config=TINY) == "no base model"
+
+
+def test_world_command_says_built_or_reused(tiny_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wb, "BaseTrainConfig", lambda seed: dataclasses.replace(TINY, seed=seed))
+    out = tmp_path / "model"
+    shutil.copytree(tiny_base, out)
+    assert cli_main(["world", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "up to date, reused (built earlier in" in text and "build took" not in text
+    (out / "vae" / "config.json").unlink()
+    assert cli_main(["world", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "  built in " in text and "reused" not in text
+
+
+@pytest.mark.parametrize("command", ["world", "demo"])
+def test_help_has_no_none_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text)  # no flag shows two defaults
+    if command == "demo":
+        assert "optimizer steps (default: 500)" in text and "(default: configs/demo.yaml)" in text
