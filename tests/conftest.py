@@ -203,3 +203,51 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("launched")
     assert main(["tiny", "--out", str(root / "tiny"), "--groups", "8"]) == 0
     return root
+
+
+# a reduced world base build: tiny sizes, two optimiser steps per part (seconds on a CPU)
+def _tiny_world_base():
+    from popalign.world import base as wb
+
+    return wb.BaseTrainConfig(
+        n_per_prompt=2,
+        text_hidden=16,
+        text_layers=1,
+        unet_channels=(16, 32),
+        attention_head_dim=(2, 4),
+        vae_channels=(8, 8, 8),
+        vae_steps=2,
+        vae_batch=4,
+        unet_steps=2,
+        unet_batch=4,
+        warmup_steps=1,
+    )
+
+
+TINY_WORLD_BASE = _tiny_world_base()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A reduced world base model, built once per session; tests that change files copy it first."""
+    from popalign.world import base as wb
+
+    return wb.build_base_model(
+        tmp_path_factory.mktemp("base") / "model", config=TINY_WORLD_BASE, progress=False
+    )
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """Counts calls of the world base's training stage (still running it)."""
+    from popalign.world import base as wb
+
+    calls = []
+    real = wb._train
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wb, "_train", counted)
+    return calls

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_WORLD_BASE
 
 from popalign.cli import main as cli_main
 from popalign.errors import UserError
@@ -16,39 +17,7 @@ from popalign.world import WorldSpec
 from popalign.world import base as wb
 from popalign.world import base_eval as be
 
-# A reduced build: tiny sizes, two optimiser steps per part (seconds on a CPU).
-TINY = wb.BaseTrainConfig(
-    n_per_prompt=2,
-    text_hidden=16,
-    text_layers=1,
-    unet_channels=(16, 32),
-    attention_head_dim=(2, 4),
-    vae_channels=(8, 8, 8),
-    vae_steps=2,
-    vae_batch=4,
-    unet_steps=2,
-    unet_batch=4,
-    warmup_steps=1,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return wb.build_base_model(tmp_path_factory.mktemp("base") / "model", config=TINY, progress=False)
-
-
-@pytest.fixture
-def count_training(monkeypatch):
-    """Counts calls of the training stage (still running it)."""
-    calls = []
-    real = wb._train
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wb, "_train", counted)
-    return calls
+TINY = TINY_WORLD_BASE
 
 
 def test_loads_as_sdxl_pipeline(tiny_base):

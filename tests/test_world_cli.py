@@ -9,42 +9,12 @@ import re
 import shutil
 
 import pytest
+from conftest import TINY_WORLD_BASE
 
 from popalign.cli import main as cli_main
 from popalign.world import base as wb
 
-# a reduced build: tiny sizes, two optimiser steps per part (seconds on a CPU)
-TINY = wb.BaseTrainConfig(
-    n_per_prompt=2,
-    text_hidden=16,
-    text_layers=1,
-    unet_channels=(16, 32),
-    attention_head_dim=(2, 4),
-    vae_channels=(8, 8, 8),
-    vae_steps=2,
-    vae_batch=4,
-    unet_steps=2,
-    unet_batch=4,
-    warmup_steps=1,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return wb.build_base_model(tmp_path_factory.mktemp("base") / "model", config=TINY, progress=False)
-
-
-@pytest.fixture
-def count_training(monkeypatch):
-    calls = []
-    real = wb._train
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wb, "_train", counted)
-    return calls
+TINY = TINY_WORLD_BASE
 
 
 def test_build_records_every_file_size(tiny_base):
