@@ -150,12 +150,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:
+    # explicit causes only ("raise ... from err", as jsonargparse wraps): an error raised while
+    # another was being handled is a new failure and keeps its traceback
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 

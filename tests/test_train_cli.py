@@ -124,6 +124,7 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (["--model.init_args.preservation_weight=-1"], "preservation_weight must be >= 0"),
         (["--model.init_args.lora_rank=0"], "lora_rank must be >= 1"),
         (["--model.init_args.pretrained_model=runs/tiny/shards"], "runs/tiny/shards: no 'unet/' folder"),
+        (["--model.init_args.pretrained_model=./runs/nowhere"], "./runs/nowhere: model not found"),
         (["--ckpt_path=nowhere.ckpt"], "nowhere.ckpt: checkpoint not found"),
         (["--ckpt_path=garbage.ckpt"], "garbage.ckpt: not a PyTorch checkpoint"),
     ):

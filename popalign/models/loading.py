@@ -58,6 +58,7 @@ def check_model_source(name: str, what: str) -> str:
 
 def _check_component(path: str, subfolder: str) -> None:
     # local folders get a clear error; hub ids are left to huggingface_hub
+    check_model_source(path, "model")
     if os.path.isdir(path) and not os.path.isdir(os.path.join(path, subfolder)):
         raise UserError(f"{path}: no '{subfolder}/' folder; expected a diffusers pipeline folder")
 
