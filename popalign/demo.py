@@ -55,8 +55,10 @@ class DemoSettings:
 
 
 # the settings the images, labels and shards depend on: recorded in OUT/demo_data.json
-DATA_KEYS = ("seed", "neutral_images", "augmented_images", "population_size", "groups_per_prompt", "steps")
-DATA_KEYS += ("guidance_scale",)
+DATA_KEYS = (
+    "seed", "neutral_images", "augmented_images", "population_size", "groups_per_prompt", "steps",
+    "guidance_scale",
+)  # fmt: skip
 DATA_RECORD = "demo_data.json"
 # the demo's flag for each setting, for messages
 FLAGS = {
@@ -320,10 +322,10 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
         }
     config["data"]["train_shards"] = str(shards)
     text = yaml.safe_dump(config, sort_keys=False)
+    # trained.json marks a finished training of run/config.yaml; it goes before the config changes
     path, last, done = run / "config.yaml", run / "checkpoints" / "last.ckpt", run / "trained.json"
-    key = hashlib.sha256(text.encode()).hexdigest()
     same = path.is_file() and path.read_text() == text
-    if same and last.is_file() and _read_json(done).get("key") == key:
+    if same and last.is_file() and done.is_file():
         print(f"{run}: already trained with this config; exporting {last}", flush=True)
     else:
         done.unlink(missing_ok=True)
@@ -336,7 +338,7 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
             for stale in (run / "checkpoints").glob("*.ckpt"):
                 stale.unlink()  # a re-run must export its own checkpoint, not the previous run's
             _fit(["fit", "--config", str(path)])
-        write_json(done, {"key": key})
+        write_json(done, {"finished": True})
     ema = ["--ema"] if model.get("ema_decay") is not None else []  # the averaged weights, when kept
     _cli(["export", str(last), "--out", str(run / "aligned"), "--overwrite", *ema])
     return run / "aligned"
@@ -579,6 +581,7 @@ def run_compare(
         | {"steps": steps, "guidance_scale": guidance, "data": {k: getattr(s, k) for k in DATA_KEYS}},
         sort_keys=True,
     )
+    config = load_config(s.config)  # part of every run's key
     stage("evaluate the base model")
     key = hashlib.sha256(f"base {evaluation}".encode()).hexdigest()
     rows = {
@@ -599,9 +602,7 @@ def run_compare(
             run = out / "compare" / f"{name}-s{seed}"
             settings = DemoSettings(**(asdict(s) | {"objective": objective}))
             key = hashlib.sha256(
-                json.dumps(
-                    [_result_settings(settings), seed, evaluation, load_config(s.config)], sort_keys=True
-                ).encode()
+                json.dumps([_result_settings(settings), seed, evaluation, config], sort_keys=True).encode()
             ).hexdigest()
 
             def one(settings=settings, run=run, seed=seed) -> dict[str, float]:
