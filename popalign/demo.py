@@ -9,20 +9,23 @@ neutral prompts of the per-prompt L2 distance between the *joint* shirt × tone 
 the uniform target), ``specific_accuracy`` (augmented prompts yield every named class), ``occupation_accuracy``
 (the occupation read back from the image is the prompt's), ``fid`` (pixel-statistics Fréchet distance
 to rendered images of the *balanced* world), and ``seconds`` (wall time).
+
+``popalign demo --compare`` (every objective x seeds on the same base and shards) reuses these stages;
+it lives in :mod:`popalign.demo_compare`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from popalign import files
 from popalign.errors import UserError
 
 WORLD_DIR = Path(__file__).parent / "world"
@@ -72,7 +75,7 @@ FLAGS = {
 }
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
     return FLAGS.get(name, name)
 
 
@@ -86,11 +89,11 @@ def check_settings(s: DemoSettings) -> dict:
     for name in ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images"):
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+            raise UserError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
     for name in ("population_size", "groups_per_prompt", "threads"):
         value = getattr(s, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+            raise UserError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
     if s.steps is not None and s.steps < 1:
         raise UserError(f"steps must be >= 1, got {s.steps}")
     if s.guidance_scale is not None and s.guidance_scale < 0:
@@ -164,13 +167,13 @@ def check_data_record(s: DemoSettings, write: bool = False) -> None:
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"{record}: unreadable ({err}); delete it with the images, or {keep}") from None
         diff = [
-            f"{_flag(k)} {have.get(k)!r} (asked: {want[k]!r})" for k in DATA_KEYS if have.get(k) != want[k]
+            f"{flag_of(k)} {have.get(k)!r} (asked: {want[k]!r})" for k in DATA_KEYS if have.get(k) != want[k]
         ]
         if diff:
             raise UserError(f"--out {out}: its images were made with {', '.join(diff)}; {keep}")
     if write:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(record, want)
+        files.write_json(record, want)
 
 
 def find_config(name: str = "demo.yaml") -> Path:
@@ -182,7 +185,7 @@ def find_config(name: str = "demo.yaml") -> Path:
     raise UserError(f"configs/{name}: not found in {Path.cwd()} or beside the package; pass --config")
 
 
-class _Steps:
+class Stages:
     """Numbered, timed stage banners (the demo's progress at the top level)."""
 
     def __init__(self, total: int) -> None:
@@ -207,7 +210,7 @@ def _cli(args: list[str]) -> None:
         raise UserError(f"'popalign {args[0]}' failed with exit code {code}")
 
 
-def base_and_shards(s: DemoSettings, stage: _Steps) -> tuple[Path, int, float, Path]:
+def base_and_shards(s: DemoSettings, stage: Stages) -> tuple[Path, int, float, Path]:
     """The cached biased base, its recommended sampling settings, and the training shards made with it."""
     from popalign.world.base import build_base_model, read_meta
 
@@ -219,7 +222,7 @@ def base_and_shards(s: DemoSettings, stage: _Steps) -> tuple[Path, int, float, P
     return base, steps, guidance, make_shards(s, base, steps, guidance, stage)
 
 
-def make_shards(s: DemoSettings, base: Path, steps: int, guidance: float, stage: _Steps) -> Path:
+def make_shards(s: DemoSettings, base: Path, steps: int, guidance: float, stage: Stages) -> Path:
     """``prompts``, ``generate``, ``label`` and ``build`` into ``OUT``; the sizes are recorded first."""
     out = Path(s.out)
     check_data_record(s, write=True)
@@ -338,18 +341,10 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
             for stale in (run / "checkpoints").glob("*.ckpt"):
                 stale.unlink()  # a re-run must export its own checkpoint, not the previous run's
             _fit(["fit", "--config", str(path)])
-        write_json(done, {"finished": True})
+        files.write_json(done, {"finished": True})
     ema = ["--ema"] if model.get("ema_decay") is not None else []  # the averaged weights, when kept
     _cli(["export", str(last), "--out", str(run / "aligned"), "--overwrite", *ema])
     return run / "aligned"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _fit(args: list[str]) -> None:
@@ -451,13 +446,7 @@ def summary(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(metrics[v]) for k, v in keys.items()}
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _start(s: DemoSettings, stale: list[Path]) -> None:
+def prepare_out(s: DemoSettings, stale: list[Path]) -> None:
     """Check everything up front, remove the outputs this run replaces (an interrupted run must not
     leave the previous results looking current) and apply ``threads``."""
     check_settings(s)
@@ -479,8 +468,8 @@ def run_demo(s: DemoSettings) -> dict:
     writes ``OUT/report.json`` (returned) beside ``OUT/eval``. Every setting is checked first."""
     t0 = time.time()
     out = Path(s.out)
-    _start(s, [out / "report.json", out / "eval"])
-    stage = _Steps(7)
+    prepare_out(s, [out / "report.json", out / "eval"])
+    stage = Stages(7)
     base, steps, guidance, shards = base_and_shards(s, stage)
     stage(f"train: {s.objective.rsplit('.', 1)[-1]} for {s.train_steps} steps, then export")
     aligned = train_and_export(s, base, shards, out / "train", s.seed)
@@ -493,7 +482,7 @@ def run_demo(s: DemoSettings) -> dict:
         "paths": {"eval": str(out / "eval"), "report_md": str(out / "eval" / "report.md")},
     }
     report["seconds"] = round(time.time() - t0, 1)
-    write_json(out / "report.json", report)
+    files.write_json(out / "report.json", report)
     print_table(report)
     return report
 
@@ -505,141 +494,3 @@ def print_table(report: dict) -> None:
     print(
         f"\nwall time {report['seconds']:.0f} s; report {report['paths']['report_md']}; plots in {report['paths']['eval']}"
     )
-
-
-COMPARE_OBJECTIVES = (
-    "popalign.objectives.PopAlignLoss",
-    "popalign.objectives.PopulationBTLoss",
-    "popalign.objectives.DiffusionDPOLoss",
-    "popalign.objectives.SFTLoss",
-)
-COMPARE_SEEDS = (0, 1, 2)
-
-
-def demo_command(
-    s: DemoSettings, compare: bool = False, seeds=COMPARE_SEEDS, objectives=COMPARE_OBJECTIVES
-) -> str:
-    """The ``popalign demo`` command line that reproduces ``s`` (flags at their defaults left out)."""
-    default = DemoSettings()
-    parts = ["popalign demo"] + (["--compare"] if compare else []) + [f"--out {s.out}"]
-    if s.config is not None:
-        parts.append(f"--config {s.config}")
-    for name in ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images"):
-        if getattr(s, name) != getattr(default, name):
-            parts.append(f"{_flag(name)} {getattr(s, name)}")
-    if s.seed != default.seed:
-        parts.append(f"--seed {s.seed}")
-    if compare and tuple(seeds) != COMPARE_SEEDS:
-        parts.append("--compare-seeds " + " ".join(str(x) for x in seeds))
-    if compare and tuple(objectives) != COMPARE_OBJECTIVES:
-        parts.append("--compare-objectives " + " ".join(o.rsplit(".", 1)[-1] for o in objectives))
-    other = [f.name for f in fields(DemoSettings) if f.name not in (*FLAGS, "out", "config", "progress")]
-    extra = {k: getattr(s, k) for k in other if getattr(s, k) != getattr(default, k) and k != "objective"}
-    return " ".join(parts) + (f" (DemoSettings: {extra})" if extra else "")
-
-
-def _result_settings(s: DemoSettings) -> dict:
-    # the settings a run's numbers depend on (not the progress bars or the thread count)
-    return {k: v for k, v in asdict(s).items() if k not in ("progress", "threads")}
-
-
-def _cached(path: Path, key: str, compute) -> dict[str, float]:
-    """``compute()`` (a summary row), or the one saved at ``path`` by an earlier run with the same key."""
-    saved = _read_json(path)
-    if saved.get("key") == key and isinstance(saved.get("summary"), dict):
-        print(f"{path.parent}: done by an earlier run with the same settings; reusing its result", flush=True)
-        return saved["summary"]
-    path.unlink(missing_ok=True)
-    row = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"key": key, "summary": row})
-    return row
-
-
-def run_compare(
-    s: DemoSettings, seeds: tuple[int, ...] = COMPARE_SEEDS, objectives: tuple[str, ...] = COMPARE_OBJECTIVES
-) -> Path:
-    """The miniature of the paper's table: every objective x seeds from the same base and shards.
-
-    Writes ``OUT/compare.md`` and ``OUT/compare.json`` (command, settings, per-run summaries), removing
-    the previous ones first. Each finished run keeps its summary in ``OUT/compare/<run>/result.json``
-    under a key of every setting it depends on, so running the same command again after an interrupt
-    skips the finished runs."""
-    import numpy as np
-
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--compare-seeds must be distinct seeds, got {list(seeds)}")
-    if not objectives or len(set(objectives)) != len(objectives):
-        raise UserError(f"--compare-objectives must be distinct objectives, got {list(objectives)}")
-    out = Path(s.out)
-    _start(s, [out / "compare.md", out / "compare.json"])
-    stage = _Steps(6 + len(objectives) * len(seeds))
-    base, steps, guidance, shards = base_and_shards(s, stage)
-    # what an evaluation depends on besides the run's own config (hashed in train_and_export)
-    evaluation = json.dumps(
-        {k: getattr(s, k) for k in ("eval_images", "eval_specific_images", "eval_seed")}
-        | {"steps": steps, "guidance_scale": guidance, "data": {k: getattr(s, k) for k in DATA_KEYS}},
-        sort_keys=True,
-    )
-    config = load_config(s.config)  # part of every run's key
-    stage("evaluate the base model")
-    key = hashlib.sha256(f"base {evaluation}".encode()).hexdigest()
-    rows = {
-        "base": [
-            _cached(
-                out / "compare" / "base" / "result.json",
-                key,
-                lambda: summary(
-                    evaluate_pair(s, base, None, out / "compare" / "base", steps, guidance)["metrics"]
-                ),
-            )
-        ]
-    }
-    for objective in objectives:
-        name = objective.rsplit(".", 1)[-1]
-        for seed in seeds:
-            stage(f"{name}, seed {seed}: train, export, evaluate")
-            run = out / "compare" / f"{name}-s{seed}"
-            settings = DemoSettings(**(asdict(s) | {"objective": objective}))
-            key = hashlib.sha256(
-                json.dumps([_result_settings(settings), seed, evaluation, config], sort_keys=True).encode()
-            ).hexdigest()
-
-            def one(settings=settings, run=run, seed=seed) -> dict[str, float]:
-                aligned = train_and_export(settings, base, shards, run, seed)
-                # the base was evaluated once above, on the same seeds
-                return summary(
-                    evaluate_pair(settings, base, aligned, run / "eval", steps, guidance, False)["metrics"]
-                )
-
-            rows.setdefault(name, []).append(_cached(run / "result.json", key, one))
-    command = demo_command(s, True, seeds, objectives)
-    lines = [
-        f"Objectives from the same biased base and shards, {len(seeds)} seeds (mean ± sd); "
-        f"{s.train_steps} steps each. Command: `{command}`.",
-        "",
-        "| objective | " + " | ".join(REPORT_KEYS) + " |",
-        "|---" * (len(REPORT_KEYS) + 1) + "|",
-    ]
-    for name, runs in rows.items():
-        cells = []
-        for key in REPORT_KEYS:
-            values = np.array([r[key] for r in runs])
-            cells.append(
-                f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    write_json(
-        out / "compare.json",
-        {
-            "command": command,
-            "settings": asdict(s) | {"steps": steps, "guidance_scale": guidance, "seeds": list(seeds)},
-            "rows": rows,
-        },
-    )
-    path = out / "compare.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print("\n".join(lines))
-    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from popalign import demo
+from popalign import demo, demo_compare
 from popalign.cli import main as cli_main
 from popalign.errors import UserError
 
@@ -236,13 +236,13 @@ def test_compare_reuses_finished_runs_and_never_leaves_stale_results(tmp_path, f
     (out / "compare.md").write_text("old results")
     (out / "compare.json").write_text("{}")
     s = demo.DemoSettings(out=str(out), train_steps=5, eval_images=4)
-    objectives = demo.COMPARE_OBJECTIVES[:2]
+    objectives = demo_compare.COMPARE_OBJECTIVES[:2]
     fail_at[0] = 3  # interrupted in the third run (base, PopAlign s0, PopAlign s1, ...)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_compare(s, (0, 1), objectives)
+        demo_compare.run_compare(s, (0, 1), objectives)
     assert not (out / "compare.md").exists() and not (out / "compare.json").exists()
     fail_at[0] = None
-    path = demo.run_compare(s, (0, 1), objectives)  # the same command again: 3 runs are reused
+    path = demo_compare.run_compare(s, (0, 1), objectives)  # the same command again: 3 runs are reused
     assert [p.parent.name if p.name == "eval" else p.name for p in evaluated[3:]] == [
         "PopulationBTLoss-s0",
         "PopulationBTLoss-s1",
@@ -254,7 +254,7 @@ def test_compare_reuses_finished_runs_and_never_leaves_stale_results(tmp_path, f
     result = json.loads((out / "compare.json").read_text())
     assert result["settings"]["train_steps"] == 5 and result["settings"]["seeds"] == [0, 1]
     assert result["rows"]["PopAlignLoss"] == [ROW, ROW]
-    demo.run_compare(dataclass_replace(s, eval_images=8), (0, 1), objectives)  # other settings: rerun
+    demo_compare.run_compare(dataclass_replace(s, eval_images=8), (0, 1), objectives)  # other settings: rerun
     assert len(evaluated) == 5 + 5
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from popalign import files
 from popalign.data.axes import UNKNOWN, BiasAxis, Intersection, load_axes
 from popalign.data.encode import (
     TEXT_COMPONENTS,
@@ -373,9 +374,7 @@ def build_populations(
         names.append(Path(path).name)
         os.replace(path, out / names[-1])
     summary.update(groups_written=len(plan), shards=names, counts=_count(plan, joint), inputs=inputs)
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, old)
+    files.write_json(old, summary)
     shutil.rmtree(staging, ignore_errors=True)
     return summary
 

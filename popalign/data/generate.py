@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from popalign import files
 from popalign.data.encode import decode_latents, require_components
 from popalign.data.images import KEY_RE, DonePrompt, ImageShardWriter, encode_image, prompt_records
 from popalign.data.prompts import PromptRow
@@ -230,9 +230,7 @@ def record_settings(out: Path, settings: GenerateSettings) -> None:
     new = check_settings(out, settings)
     if (out / "generate.json").is_file():
         return
-    tmp = out / f".generate.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    os.replace(tmp, out / "generate.json")
+    files.write_json(out / "generate.json", new)
 
 
 class PromptSampler:

@@ -290,7 +290,8 @@ class Evaluator:
 
     def _write(self, stage: Path, result: dict[str, Any], cols: dict[str, Collected]) -> None:
         from popalign.evaluation.plots import write_plots
-        from popalign.evaluation.report import render_report, write_json, write_jsonl
+        from popalign.evaluation.report import render_report, write_jsonl
+        from popalign.files import write_json
 
         for name, col in cols.items():
             folder = stage / name if name else stage

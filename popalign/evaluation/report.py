@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from popalign.files import jsonable
 from popalign.metrics import Discrepancy, SpecificAccuracy, joint_labels
 
 
@@ -171,23 +172,6 @@ def deltas(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, f
         for k in a
         if k in b and isinstance(a[k], (int, float)) and isinstance(b[k], (int, float)) and "num_" not in k
     }
-
-
-def jsonable(value: Any) -> Any:
-    """NaN/inf -> ``None``, numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.generic, torch.Tensor)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
