@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -23,8 +22,7 @@ from popalign.models.loading import (
     parse_dtype,
 )
 from popalign.objectives import Objective, ObjectiveOutput, PopAlignLoss
-
-log = logging.getLogger(__name__)
+from popalign.resume import check_resumable, complete_state
 
 
 class PopAlignModule(L.LightningModule):
@@ -438,54 +436,13 @@ class PopAlignModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume under the config given (``train.py`` does not parse the checkpoint's arguments over
         it): refuse what a run cannot change (the base model, full vs LoRA), log the rest, reload the
-        frozen weights, and start or drop the EMA when ``ema_decay`` was switched."""
-        self._check_resumable(checkpoint)
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        current = self.state_dict()
-        for key in self._frozen_keys() - set(state):
-            state[key] = current[key]  # the freshly loaded pretrained weights, never the policy's
-        saved_ema = {k for k in state if k.startswith("ema.")}
-        if self.ema is None and saved_ema:
-            log.warning("resuming without ema_decay: the checkpoint's moving average is dropped")
-            for key in saved_ema:
-                del state[key]
-        elif self.ema is not None and not saved_ema:
-            log.warning(
-                "resuming with ema_decay %s: the average starts at the checkpoint's weights", self.ema.decay
-            )
-            for i, name in enumerate(self.ema.names):
-                state[f"ema.shadow.{i}"] = state.get(f"policy.{name}", current[f"policy.{name}"]).float()
-
-    def _check_resumable(self, checkpoint: dict) -> None:
+        frozen weights, and start or drop the EMA when ``ema_decay`` was switched
+        (:mod:`popalign.resume`)."""
         source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-        saved = checkpoint.get("hyper_parameters") or {}
-        fingerprint = checkpoint.get(FINGERPRINT_KEY)
-        if fingerprint is not None and fingerprint != self.base_fingerprint:
-            raise UserError(
-                f"{source}: trained from another base model than {self.hparams.pretrained_model} "
-                "(weights or architecture differ); resume with the run's own base"
-            )
-        fixed = ("lora_rank", "lora_alpha", "lora_target_modules")
-
-        def plain(v: Any) -> Any:  # YAML gives lists where the signature says tuple
-            return tuple(v) if isinstance(v, list) else v
-
-        changed = {
-            k: (saved[k], self.hparams[k])
-            for k in saved
-            if k in self.hparams and plain(saved[k]) != plain(self.hparams[k])
-        }
-        for key in fixed:
-            if key in changed and (key == "lora_rank" or self.lora):
-                was, now = changed[key]
-                raise UserError(
-                    f"{source}: trained with {key}={was!r}, this run has {now!r}; a resumed run cannot change it"
-                )
-        notes = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changed.items() if k not in fixed]
-        if notes:
-            log.warning("resuming %s with changed settings: %s", source, "; ".join(notes))
+        check_resumable(checkpoint, source, dict(self.hparams), self.base_fingerprint, self.lora)
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            complete_state(state, self.state_dict(), self._frozen_keys(), self.ema)
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

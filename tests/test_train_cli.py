@@ -93,7 +93,7 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
     resume = ["fit", "--config", CONFIG, "--ckpt_path=last", *QUIET]
 
     # a setting switched on at resume is used (LightningCLI would parse the checkpoint's over it)
-    with caplog.at_level(logging.WARNING, logger="popalign.module"):
+    with caplog.at_level(logging.WARNING, logger="popalign.resume"):
         cli = cli_main([*resume, "--trainer.max_steps=3", "--model.init_args.ema_decay=0.9"])
     assert cli.trainer.global_step == 3 and cli.model.ema is not None
     # the changed setting is logged (README: "the changed settings are logged")
