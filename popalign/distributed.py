@@ -23,9 +23,11 @@ Gradient checkpointing stays the module's switch (``model.gradient_checkpointing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
@@ -63,6 +65,55 @@ class BlockFSDPStrategy(FSDPStrategy):
                 "use --trainer.accelerator gpu, or --trainer.strategy ddp on CPUs"
             )
         return super()._setup_model(model)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume from a checkpoint folder (``state_dict_type: sharded``) or file (``full``).
+
+        A full checkpoint file leaves out the frozen weights (the module's ``frozen_keys``), and
+        Lightning's FSDP loads it into the sharded model strictly, before the module's
+        ``on_load_checkpoint`` could fill them in. So its keys are checked here first (every other
+        weight present, nothing unknown; one line naming what is not) and it is loaded non-strictly:
+        the frozen weights keep the values just loaded from the base model.
+        """
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        frozen = getattr(module, "frozen_keys", None)
+        if not path.is_file() or frozen is None:
+            return super().load_checkpoint(path, weights_only)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=True).get("state_dict", {})
+        check_checkpoint_keys(path, set(saved), checkpoint_keys(module), frozen())
+        strict = module.strict_loading
+        module.strict_loading = False
+        try:
+            return super().load_checkpoint(path, weights_only)
+        finally:
+            module.strict_loading = strict
+
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def checkpoint_keys(module: nn.Module) -> set[str]:
+    """The keys of ``module``'s full state dict (parameters and persistent buffers), FSDP wrapping
+    removed from the names, read from the names alone: no weights are gathered."""
+    keys = set()
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        keys |= {dot + n for n, _ in sub.named_parameters(recurse=False)}
+        keys |= {
+            dot + n for n, _ in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set
+        }
+    return {k.replace(FSDP_PREFIX, "") for k in keys if "_flat_param" not in k}
+
+
+def check_checkpoint_keys(path: Path, saved: Iterable[str], expected: set[str], frozen: set[str]) -> None:
+    """Refuse a checkpoint that misses a weight other than the frozen ones, or holds unknown ones."""
+    saved = set(saved)
+    missing, unknown = sorted(expected - frozen - saved), sorted(saved - expected)
+    for what, keys in (("lacks", missing), ("holds unknown weights", unknown)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise UserError(f"{path}: {what} {', '.join(keys[:3])}{more} (a checkpoint of another model?)")
 
 
 STRATEGY_NAME = "fsdp_blocks"

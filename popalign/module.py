@@ -413,7 +413,9 @@ class PopAlignModule(L.LightningModule):
             self.ema.update(self.policy, skipped)
 
     # ------------------------------------------------------------------ checkpoints hold trainable state only
-    def _frozen_keys(self) -> set[str]:
+    def frozen_keys(self) -> set[str]:
+        """State-dict keys of the frozen weights (the reference copy, LoRA's base), which checkpoints
+        leave out: a resumed run reloads them from ``pretrained_model``."""
         keys = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
         if self.reference is not None:
             keys |= {f"reference.{n}" for n, _ in self.reference.named_buffers()}
@@ -428,7 +430,7 @@ class PopAlignModule(L.LightningModule):
         # a sharded checkpoint (FSDP's state_dict_type "sharded") is read back key for key by
         # torch.distributed.checkpoint, which refuses missing keys: there the frozen weights stay
         if not any(type(v) not in (torch.Tensor, nn.Parameter) for v in state.values()):
-            for key in self._frozen_keys() & set(state):
+            for key in self.frozen_keys() & set(state):
                 del state[key]
         checkpoint["popalign_frozen_from"] = self.hparams.pretrained_model
         checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
@@ -442,7 +444,7 @@ class PopAlignModule(L.LightningModule):
         check_resumable(checkpoint, source, dict(self.hparams), self.base_fingerprint, self.lora)
         state = checkpoint.get("state_dict")
         if state is not None:
-            complete_state(state, self.state_dict(), self._frozen_keys(), self.ema)
+            complete_state(state, self.state_dict(), self.frozen_keys(), self.ema)
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

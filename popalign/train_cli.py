@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 
 from popalign.data.datamodule import PopulationDataModule
-from popalign.distributed import register_strategy
+from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
 
@@ -63,7 +63,8 @@ class PopAlignCLI(LightningCLI):
       replace it unannounced;
     - a ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the
       logger, not into the run's ``version_N`` folder, so ``--ckpt_path last`` finds it next time;
-    - ``--ckpt_path`` is checked before anything starts (one line for a missing or broken file).
+    - ``--ckpt_path`` is checked before anything starts (one line for a missing or broken file), and
+      a full checkpoint file is not handed to Lightning's plain ``fsdp`` (see :meth:`before_fit`).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -76,6 +77,26 @@ class PopAlignCLI(LightningCLI):
         # checks the file, so the config given is the one that runs
         if self.config.get("subcommand"):
             check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+
+    def before_fit(self) -> None:
+        """Refuse resuming a checkpoint *file* under Lightning's plain ``fsdp``: it loads the file
+        strictly, and popalign's checkpoints leave out the frozen weights (a page of "Missing key(s)").
+        ``fsdp_blocks`` resumes them; sharded checkpoint folders resume under either."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        strategy = self.trainer.strategy
+        if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
+            return
+        if Path(ckpt_path).is_dir() or (
+            str(ckpt_path) in _CKPT_NAMES and strategy._state_dict_type == "sharded"
+        ):
+            return
+        raise UserError(
+            f"--ckpt_path {ckpt_path}: Lightning's plain fsdp cannot resume a full checkpoint file (it "
+            "loads it strictly, and popalign's checkpoints leave out the frozen weights); resume with "
+            "--trainer.strategy fsdp_blocks"
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
 from popalign.distributed import BlockFSDPStrategy
@@ -34,6 +35,25 @@ class _WrapOnCPU:
         return super()._setup_model(model)
 
 
+def _full_state_dict_context(module: torch.nn.Module, world_size: int, rank0_only: bool = True):
+    """Lightning's full-state-dict context without ``offload_to_cpu``: on CPU processes the gathered
+    weights already live on the CPU, and FSDP's offload then hands back tensors whose storage it frees
+    (the process dies with SIGSEGV). Everything else (rank-0-only gathering, the optimizer state) is
+    Lightning's."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(
+        module=module,
+        state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
+
+
+lightning_fsdp._get_full_state_dict_context = _full_state_dict_context
+
+
 class CPUBlockFSDPStrategy(_WrapOnCPU, BlockFSDPStrategy):
     """:class:`BlockFSDPStrategy` on CPU processes."""
 
@@ -43,7 +63,8 @@ class CPUFSDPStrategy(_WrapOnCPU, FSDPStrategy):
 
 
 class DumpPolicy(L.Callback):
-    """At the end of fit, rank 0 writes the whole policy weights and a few facts about the run."""
+    """At the end of fit, rank 0 writes the whole policy weights (``OUT.safetensors``), the frozen
+    reference's when there is one (``OUT.reference.safetensors``) and a few facts about the run."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -63,6 +84,13 @@ class DumpPolicy(L.Callback):
                 name.replace(FSDP_PREFIX, ""): p.detach().float().clone()
                 for name, p in pl_module.policy.named_parameters()
             }
+            reference = pl_module.reference
+            if reference is not None:
+                frozen = {
+                    n.replace(FSDP_PREFIX, ""): p.detach().float().clone()
+                    for n, p in reference.named_parameters()
+                }
+                save_file(frozen, str(self.out.with_suffix(".reference.safetensors")))
         save_file(state, str(self.out.with_suffix(".safetensors")))
         facts = {
             "global_step": trainer.global_step,

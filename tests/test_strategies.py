@@ -8,12 +8,14 @@ norm (a collective over the shards) and must not hang when a rank's shard holds 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from launch import ROOT, finished_run, fit_tiny
+from launch import ROOT, TIMEOUT_S, finished_run, fit_tiny
 from safetensors.torch import load_file
 
 FSDP = {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"}
@@ -92,11 +94,10 @@ def test_block_fsdp_trains_lora_like_ddp(tiny_run):
 
 @pytest.mark.slow
 def test_block_fsdp_sharded_checkpoint_resumes(tiny_run):
-    # FSDP's "full" state dict cannot be gathered on CPU processes (it crashes inside torch), the
-    # sharded one can: a run stops after 2 steps and a second one resumes it to 4, optimizer included
+    # a run stops after 2 steps and a second one resumes it to 4, optimizer included
     strategy = {**FSDP, "init_args": {"state_dict_type": "sharded"}}
     ckpts = tiny_run / "sharded_ckpts"
-    first, _ = finished_run(
+    first, policy = finished_run(
         fit_tiny(tiny_run, "first", strategy, "bfloat16", 2, optimizer=None, checkpoints=ckpts),
         tiny_run,
         "first",
@@ -108,6 +109,68 @@ def test_block_fsdp_sharded_checkpoint_resumes(tiny_run):
     )
     resumed, _ = finished_run(proc, tiny_run, "resumed")
     assert resumed["global_step"] == 4 and resumed["adam_steps"] == [4]
+    # docs/scaling.md: consolidate the folder into one file, which `popalign export` takes
+    cmd = [sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint", str(saved)]
+    assert subprocess.run(cmd, capture_output=True, timeout=TIMEOUT_S).returncode == 0
+    exported = _export(Path(f"{saved}.consolidated"), tiny_run / "sharded_export")
+    assert exported.keys() == policy.keys()
+    assert all(torch.equal(exported[k].float(), policy[k]) for k in policy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_block_fsdp_full_checkpoint_resumes(tiny_run, lora):
+    # the default state_dict_type: one file gathered on rank 0 without the frozen weights, which
+    # Lightning loads before the module could fill them in (it failed: "Missing key(s)")
+    strategy = {**FSDP, "init_args": {"state_dict_type": "full"}}
+    name, ckpts = f"full_{lora}", tiny_run / f"full_ckpts_{lora}"
+    more = {"optimizer": None, "checkpoints": ckpts} | ({"lora_rank": lora} if lora else {})
+    first, trained = finished_run(fit_tiny(tiny_run, name, strategy, "float32", 2, **more), tiny_run, name)
+    (saved,) = ckpts.iterdir()
+    state = torch.load(saved, weights_only=True)["state_dict"]
+    assert saved.is_file() and first["adam_steps"] == [2]
+    if not lora:  # the file is what `popalign export` takes, as a DDP checkpoint is
+        exported = _export(saved, tiny_run / f"{name}_export")
+        assert exported.keys() == trained.keys()
+        assert all(torch.equal(exported[k].float(), trained[k]) for k in trained)
+    frozen = "base_layer" if lora else "reference."
+    assert not any(frozen in k for k in state) and any(k.startswith("policy.") for k in state)
+    proc = fit_tiny(tiny_run, f"{name}_resumed", strategy, "float32", 4, **more, ckpt_path=saved)
+    resumed, policy = finished_run(proc, tiny_run, f"{name}_resumed")
+    assert resumed["global_step"] == 4 and resumed["adam_steps"] == [4]
+    # the frozen weights are the base model's after the resume, not left uninitialised or zeroed
+    initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    if lora:
+        frozen = {k: policy[k] for k in policy if "lora_" not in k}
+    else:
+        frozen = load_file(str(tiny_run / f"{name}_resumed.reference.safetensors"))
+    assert len(frozen) == len(initial)
+    assert all(torch.equal(v, initial[k.replace(".base_layer", "")].float()) for k, v in frozen.items())
+
+
+def test_checkpoint_keys_are_the_state_dict_keys(tiny_model, tmp_path):
+    from popalign.distributed import check_checkpoint_keys, checkpoint_keys
+    from popalign.errors import UserError
+    from popalign.module import PopAlignModule
+
+    module = PopAlignModule(pretrained_model=tiny_model, reference_dtype="float32")
+    keys, frozen = checkpoint_keys(module), module.frozen_keys()
+    assert keys == set(module.state_dict())
+    assert frozen and frozen < keys and all(k.startswith("reference.") for k in frozen)
+    path = tmp_path / "last.ckpt"
+    check_checkpoint_keys(path, keys - frozen, keys, frozen)  # what the module saves: accepted
+    policy = sorted(k for k in keys if k.startswith("policy."))
+    with pytest.raises(UserError, match=f"last.ckpt: lacks {policy[0]} \\(a checkpoint of another model"):
+        check_checkpoint_keys(path, keys - frozen - {policy[0]}, keys, frozen)
+    with pytest.raises(UserError, match="last.ckpt: holds unknown weights policy.extra.weight"):
+        check_checkpoint_keys(path, keys | {"policy.extra.weight"}, keys, frozen)
+
+
+def _export(ckpt: Path, out: Path) -> dict:
+    from popalign.cli import main
+
+    assert main(["export", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    return load_file(str(out / "unet/diffusion_pytorch_model.safetensors"))
 
 
 def _sharded_trainer(world_size: int):
@@ -176,3 +239,25 @@ def test_block_fsdp_on_cpu_is_a_one_line_error(tiny_run, capsys, monkeypatch):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train.py: error: fsdp_blocks") and "--trainer.accelerator gpu" in err[-1]
+
+
+def test_plain_fsdp_refuses_a_full_checkpoint_file(tiny_run, capsys, monkeypatch, tmp_path):
+    import zipfile
+
+    from popalign.train_cli import cli_main
+
+    monkeypatch.chdir(tiny_run)
+    ckpt = tmp_path / "last.ckpt"
+    with zipfile.ZipFile(ckpt, "w") as z:  # a zip archive passes the file check; it is never loaded
+        z.writestr("archive/data.pkl", b"")
+    # Lightning refuses its "fsdp" by name on CPU: the same class, wrapped for CPU processes
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    args += ["--trainer.strategy.class_path=cpu_strategies.CPUFSDPStrategy"]
+    args += [f"--model.init_args.pretrained_model={tiny_run / 'tiny/model'}"]
+    args += [f"--data.train_shards={tiny_run / 'tiny/shards'}", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as stop:
+        cli_main([*args, f"--ckpt_path={ckpt}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"train.py: error: --ckpt_path {ckpt}: Lightning's plain fsdp cannot resume")
+    assert err[-1].endswith("--trainer.strategy fsdp_blocks")
