@@ -1,6 +1,7 @@
-"""On a CUDA device: the step makes no host syncs, compiled blocks keep the numbers, and `train.py fit`
-starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU. Skipped without CUDA (as in CI);
-benchmarks/device_check.sh runs them on a GPU machine."""
+"""On a CUDA device: the step makes no host syncs, compiled blocks keep the numbers, `train.py fit`
+starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and BlockFSDPStrategy's full
+checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
+machine."""
 
 from __future__ import annotations
 
@@ -135,3 +136,24 @@ def test_train_py_starts_on_one_gpu(tiny_run, strategy):
     assert facts["global_step"] == 3 and facts["world_size"] == 1
     assert torch.isfinite(torch.tensor(facts["grad_norm"]))
     assert (facts["fsdp_units"] > 1) == (strategy == "block_fsdp")
+
+
+def test_block_fsdp_full_checkpoint_resumes_on_one_gpu(tiny_run):
+    # Lightning gathers full checkpoints with offload_to_cpu on GPUs (the CPU tests cannot: see
+    # tests/cpu_strategies.py); the file leaves out the frozen reference and must resume
+    if DEVICE != "cuda":
+        pytest.skip("FSDP on a CPU process is tests/test_strategies.py's (a CPU-wrapped strategy)")
+    strategy = {
+        "class_path": "popalign.distributed.BlockFSDPStrategy",
+        "init_args": {"state_dict_type": "full"},
+    }
+    trainer = {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed", "optimizer": None}
+    ckpts = tiny_run / "gpu_full_ckpts"
+    proc = fit_tiny(tiny_run, "gpu_full", strategy, "bfloat16", 2, checkpoints=ckpts, **trainer)
+    first, _ = finished_run(proc, tiny_run, "gpu_full")
+    (saved,) = ckpts.iterdir()
+    assert saved.is_file() and first["adam_steps"] == [2]
+    assert not any(k.startswith("reference.") for k in torch.load(saved, weights_only=True)["state_dict"])
+    proc = fit_tiny(tiny_run, "gpu_full_resumed", strategy, "bfloat16", 4, ckpt_path=saved, **trainer)
+    resumed, _ = finished_run(proc, tiny_run, "gpu_full_resumed")
+    assert resumed["global_step"] == 4 and resumed["adam_steps"] == [4]
