@@ -20,8 +20,8 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val) for the trainer,
-    ``lora_rank`` for the module."""
+    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``logger`` and
+    ``callbacks`` (more of them) for the trainer, ``lora_rank`` for the module."""
     overlay = {
         "trainer": {
             "accelerator": more.get("accelerator", "cpu"),
@@ -30,7 +30,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
             "strategy": strategy,
             "max_steps": steps,
             "gradient_clip_val": more.get("clip"),
-            "logger": False,
+            "logger": more.get("logger", False),
             "enable_checkpointing": "checkpoints" in more,
             "enable_progress_bar": False,
             "default_root_dir": str(root / name),
@@ -42,7 +42,8 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
                 }
                 for c in [more.get("checkpoints")]
                 if c
-            ],
+            ]
+            + more.get("callbacks", []),
         },
         "model": {
             "init_args": {

@@ -140,3 +140,42 @@ def test_bad_arguments():
         _callback(height=20)
     with pytest.raises(UserError, match="unknown axis"):
         _callback(axes=["nonsense"])
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_log_what_one_process_logs(tiny_run):
+    """Under DDP each rank samples every second prompt (3 prompts: 2 and 1) and the per-prompt counts
+    are gathered: with the weights held still (lr 0) two processes must log the single process's
+    numbers, and neither may hang on the uneven split."""
+    from launch import finished_run, fit_tiny
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    still = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}
+    callback = {
+        "class_path": "popalign.evaluation.validation.FairnessValidation",
+        "init_args": dict(prompts=[*PROMPTS, "a photo of a chef"], axes=["gender"], images_per_prompt=3,
+                          classifier="test_validation:SumClassifier", steps=2, height=16, width=16,
+                          every_n_steps=2),
+    }  # fmt: skip
+    logged = {}
+    for devices in (1, 2):
+        name = f"fair_{devices}"
+        logger = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(tiny_run / name), "name": "logs", "version": 0},
+        }
+        proc = fit_tiny(
+            tiny_run, name, "ddp", "float32", 2, devices=devices, optimizer=still, logger=logger,
+            callbacks=[callback],
+        )  # fmt: skip
+        facts, _ = finished_run(proc, tiny_run, name)
+        assert facts["world_size"] == devices
+        events = EventAccumulator(str(tiny_run / name / "logs" / "version_0"), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = [t for t in events.Tags()["scalars"] if t.startswith("val_fair/")]
+        logged[devices] = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags}
+    assert "val_fair/discrepancy" in logged[1] and logged[1]["val_fair/discrepancy"][0][0] == 2
+    assert logged[2].keys() == logged[1].keys()
+    for tag, values in logged[1].items():
+        assert [s for s, _ in logged[2][tag]] == [s for s, _ in values], tag
+        assert [v for _, v in logged[2][tag]] == pytest.approx([v for _, v in values], abs=1e-6), tag
