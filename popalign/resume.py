@@ -14,6 +14,7 @@ cannot change, and fills in what checkpoints leave out:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -58,8 +59,11 @@ def check_resumable(
     for key in FIXED:
         if key in changed and (key == "lora_rank" or lora):
             was, now = changed[key]
+            value = json.dumps(list(was) if isinstance(was, (list, tuple)) else was)  # YAML: null, lists
+            value = f"'{value}'" if isinstance(was, (list, tuple)) else value  # shell-quoted
             raise UserError(
-                f"{source}: trained with {key}={was!r}, this run has {now!r}; a resumed run cannot change it"
+                f"{source}: trained with {key}={was!r}, this run has {now!r}; a run from this checkpoint "
+                f"cannot change it (pass --model.init_args.{key} {value})"
             )
     notes = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changed.items() if k not in FIXED]
     if notes:

@@ -110,6 +110,7 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
         capsys, [*resume, "--model.init_args.pretrained_model=moved", "--model.init_args.lora_rank=4"]
     )
     assert err[-1].startswith("train.py: error:") and "trained with lora_rank=None, this run has 4" in err[-1]
+    assert err[-1].endswith("(pass --model.init_args.lora_rank null)")
     err = _fails(capsys, [*resume, "--model.init_args.pretrained_model=runs/other/model"])
     assert "trained from another base model than runs/other/model" in err[-1]
 
