@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Population-level alignment of text-to-image diffusion models. Stages: "
         "prompts -> generate -> label -> build -> (python train.py fit) -> evaluate -> export.",
     )
+    parser.add_argument("--version", action="version", version=f"popalign {popalign.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(popalign.commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

@@ -238,6 +238,15 @@ def test_build_help_shows_no_default_for_an_off_switch(capsys):
     assert "--no-source-embeds" in text and "(default: True)" not in text
 
 
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["--version"], capsys)
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"popalign {version('popalign')}"
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(table, tiny_model, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
