@@ -38,6 +38,9 @@ from popalign.models.speed import REPEATED_BLOCKS
 #: conv_in/out, norms) in separate units, so no unit mixes float32 and bfloat16 weights
 UNET_CLASSES = ("UNet2DConditionModel",)
 
+#: what FSDP adds to the names of the modules it wraps (never part of checkpoint keys)
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
 
 class BlockFSDPStrategy(FSDPStrategy):
     """Lightning's FSDP with one FSDP unit per repeated UNet block and per UNet.
@@ -88,9 +91,6 @@ class BlockFSDPStrategy(FSDPStrategy):
             return super().load_checkpoint(path, weights_only)
         finally:
             module.strict_loading = strict
-
-
-FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 def checkpoint_keys(module: nn.Module) -> set[str]:

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from popalign.distributed import FSDP_PREFIX
 from popalign.ema import EMA
 from popalign.errors import UserError
 from popalign.models.loading import (
@@ -420,7 +421,7 @@ class PopAlignModule(L.LightningModule):
         if self.reference is not None:
             keys |= {f"reference.{n}" for n, _ in self.reference.named_buffers()}
         # FSDP units show up in parameter names, never in checkpoint keys
-        return {k.replace("_fsdp_wrapped_module.", "") for k in keys}
+        return {k.replace(FSDP_PREFIX, "") for k in keys}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # frozen weights (the reference copy, LoRA's base) are reloaded from `pretrained_model`

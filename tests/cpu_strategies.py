@@ -12,9 +12,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
-from popalign.distributed import BlockFSDPStrategy
-
-FSDP_PREFIX = "_fsdp_wrapped_module."
+from popalign.distributed import FSDP_PREFIX, BlockFSDPStrategy
 
 
 class _WrapOnCPU:
