@@ -45,7 +45,7 @@ class DemoSettings:
     augmented_images: int = 12  # per augmented prompt: the preferred populations
     population_size: int = 8
     groups_per_prompt: int = 8
-    train_steps: int = 500
+    train_steps: int = 1200
     eval_images: int = 100  # per neutral prompt, on held-out seeds
     eval_specific_images: int = 16  # per augmented (identity-specific) prompt
     steps: int | None = None  # sampling steps; None: the base model's recommended settings
@@ -298,7 +298,8 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
     """``train.py fit`` with the demo config, then ``popalign export`` of the last checkpoint -> UNet folder
     (its EMA weights when the config sets ``ema_decay``).
 
-    The run's own copy of the config (paths, seed, steps and objective filled in) is written to
+    The run's own copy of the config (paths, seed, steps and objective filled in; a schedule's
+    ``total_steps`` set to the run's steps) is written to
     ``run/config.yaml`` first, so the run can be repeated by hand with ``train.py fit --config``.
     When ``run/config.yaml`` already holds the same config, a finished training is not repeated and an
     interrupted one resumes from ``run/checkpoints/last.ckpt`` (saved every ``every_n_train_steps``);
@@ -323,6 +324,11 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
             "class_path": s.objective,
             "init_args": {} if s.objective.endswith("SFTLoss") else {"beta": beta},
         }
+    schedule = (model.get("lr_scheduler") or {}).get("init_args")
+    if isinstance(schedule, dict) and "total_steps" in schedule:  # a decay spans the run it is part of
+        schedule["total_steps"] = s.train_steps
+        if "warmup_steps" in schedule:
+            schedule["warmup_steps"] = min(schedule["warmup_steps"], s.train_steps - 1)
     config["data"]["train_shards"] = str(shards)
     text = yaml.safe_dump(config, sort_keys=False)
     # trained.json marks a finished training of run/config.yaml; it goes before the config changes

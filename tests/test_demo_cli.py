@@ -206,6 +206,26 @@ def test_training_resumes_or_is_reused(tmp_path, fake_training):
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 40
 
 
+def test_a_decaying_schedule_spans_the_run(tmp_path, fake_training):
+    calls, _ = fake_training
+    config = yaml.safe_load(demo.find_config().read_text())
+    config["model"]["init_args"]["lr_scheduler"] = {
+        "class_path": "popalign.optim.CosineWithWarmup",
+        "init_args": {"total_steps": 1200, "warmup_steps": 10},
+    }
+    path = tmp_path / "cosine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for steps, warmup in ((30, 10), (5, 4)):
+        s = demo.DemoSettings(out=str(tmp_path), config=str(path), train_steps=steps)
+        demo.train_and_export(s, tmp_path / "base", tmp_path / "shards", tmp_path / f"t{steps}", 0)
+        written = yaml.safe_load((tmp_path / f"t{steps}" / "config.yaml").read_text())
+        args = written["model"]["init_args"]["lr_scheduler"]["init_args"]
+        assert (
+            written["trainer"]["max_steps"] == args["total_steps"] == steps and args["warmup_steps"] == warmup
+        )
+    assert len(calls) == 2
+
+
 ROW = dict.fromkeys(demo.REPORT_KEYS, 0.5)
 
 
