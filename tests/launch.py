@@ -60,7 +60,11 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     config = root / f"{name}-config.yaml"  # JSON is YAML
     config.write_text(json.dumps(overlay))
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    # without the parent's rendezvous variables: an in-process run earlier in the session leaves
+    # MASTER_PORT set (Lightning writes it) and may still hold that port, so a launch would not bind it
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env |= {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
     cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_WORLD_BASE
 
 from popalign.cli import main as cli_main
+from popalign.demo import DemoSettings
 from popalign.world import base as wb
 
 TINY = TINY_WORLD_BASE
@@ -83,4 +84,7 @@ def test_help_has_no_none_defaults(command, capsys):
     assert "(default: None)" not in text
     assert not re.search(r"\(default: [^)]*\) \(default:", text)  # no flag shows two defaults
     if command == "demo":
-        assert "optimizer steps (default: 500)" in text and "(default: configs/demo.yaml)" in text
+        assert (
+            f"optimizer steps (default: {DemoSettings().train_steps})" in text
+            and "(default: configs/demo.yaml)" in text
+        )
