@@ -34,6 +34,7 @@ from popalign.models.loading import (
     FINGERPRINT_KEY,
     add_lora,
     base_fingerprint,
+    dtype_kwarg,
     load_unet,
     looks_like_hub_id,
     parse_dtype,
@@ -221,7 +222,7 @@ def _write_full(unet: nn.Module, out: Path, base: str, dtype: torch.dtype, pipel
     from diffusers import DiffusionPipeline
 
     try:  # every other component comes from the base, as stored there
-        pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(base), unet=unet, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(base), unet=unet, **dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"{base}: cannot load the base pipeline for --pipeline ({first_line(err)})") from err
     pipe.save_pretrained(out, safe_serialization=True)

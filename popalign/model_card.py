@@ -205,7 +205,7 @@ def _axes(f: CardFacts) -> str | None:
 
 def _usage(f: CardFacts) -> str:
     where = f.where or f.name
-    fp16 = "torch_dtype=torch.float16"
+    fp16 = "dtype=torch.float16"
     if f.kind == "lora":
         body = [f'pipe = StableDiffusionXLPipeline.from_pretrained("{f.base}", {fp16}).to("cuda")']
         body.append(f'pipe.load_lora_weights("{where}")')
@@ -216,7 +216,10 @@ def _usage(f: CardFacts) -> str:
         body.append(
             f'pipe = StableDiffusionXLPipeline.from_pretrained("{f.base}", unet=unet, {fp16}).to("cuda")'
         )
-    head = "import torch\nfrom diffusers import StableDiffusionXLPipeline, UNet2DConditionModel\n"
+    head = (
+        "import torch\nfrom diffusers import StableDiffusionXLPipeline, UNet2DConditionModel\n\n"
+        "# diffusers older than 0.40 name the dtype argument torch_dtype\n"
+    )
     return "```python\n" + head + "\n".join(body) + '\nimage = pipe("a photo of a doctor").images[0]\n```'
 
 

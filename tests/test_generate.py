@@ -164,3 +164,42 @@ def test_settings_compare_local_folders_by_path_and_record_the_vae_dtype(tiny_mo
     # the VAE's decode dtype changes the images: a resume with another one is refused
     with pytest.raises(UserError, match="vae_dtype=None, not 'float16'"):
         check_settings(out, GenerateSettings(tiny_model, steps=2, vae_dtype="float16"))
+
+
+def test_loaders_ask_for_the_dtype_without_the_deprecated_argument(tiny_model):
+    """Every loader gets the dtype it asked for, and none passes ``torch_dtype`` where the installed
+    diffusers/transformers have renamed it (they print a FutureWarning on every load)."""
+    import warnings
+
+    from popalign.data.encode import TextEncoders
+    from popalign.data.generate import load_pipeline
+    from popalign.models.loading import load_unet
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(tiny_model, vae=tiny_model, unet=tiny_model, dtype="bfloat16")
+        unet = load_unet(tiny_model)
+        text = TextEncoders.from_pretrained(tiny_model, dtype="bfloat16")
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert unet.dtype == torch.float32
+    assert {p.dtype for enc in text.encoders for p in enc.parameters()} == {torch.bfloat16}
+    assert not [str(w.message) for w in caught if "torch_dtype" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "library, installed, name",
+    [
+        ("diffusers", "0.39.0", "torch_dtype"),
+        ("diffusers", "0.40.0", "dtype"),
+        ("diffusers", "1.2.0.dev0", "dtype"),
+        ("transformers", "4.55.4", "torch_dtype"),
+        ("transformers", "4.56.0", "dtype"),
+    ],
+)
+def test_dtype_argument_follows_the_installed_version(monkeypatch, library, installed, name):
+    import importlib.metadata
+
+    from popalign.models.loading import dtype_kwarg
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda lib: installed if lib == library else "0")
+    assert dtype_kwarg(torch.float16, library) == {name: torch.float16}

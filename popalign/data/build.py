@@ -328,9 +328,11 @@ def build_populations(
         import torch
         from diffusers import AutoencoderKL
 
+        from popalign.models.loading import dtype_kwarg
+
         source = vae or model
         net = AutoencoderKL.from_pretrained(
-            source, torch_dtype=torch.float32, **_component_path(source, "vae")
+            source, **dtype_kwarg(torch.float32), **_component_path(source, "vae")
         )
         net.to(device).eval()
         for start in range(0, len(missing), 16):

@@ -138,17 +138,15 @@ class TextEncoders:
         """Load both tokenizers and encoders from a hub id or a diffusers pipeline folder."""
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        from popalign.models.loading import parse_dtype
+        from popalign.models.loading import dtype_kwarg, parse_dtype
 
         require_components(model, TEXT_COMPONENTS)
-        torch_dtype = parse_dtype(dtype)
+        kw = dtype_kwarg(parse_dtype(dtype), "transformers")
         try:
             tok = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
             tok2 = AutoTokenizer.from_pretrained(model, subfolder="tokenizer_2")
-            enc = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=torch_dtype)
-            enc2 = CLIPTextModelWithProjection.from_pretrained(
-                model, subfolder="text_encoder_2", torch_dtype=torch_dtype
-            )
+            enc = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw)
+            enc2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **kw)
         except (OSError, ValueError, json.JSONDecodeError) as err:
             raise UserError(f"{model}: cannot load the text encoders ({first_line(err)})") from None
         return cls(tok, tok2, enc, enc2, device=device)

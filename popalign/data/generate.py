@@ -80,7 +80,7 @@ def load_pipeline(
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from popalign.models.loading import parse_dtype
+    from popalign.models.loading import dtype_kwarg, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     # the stock SDXL VAE overflows in fp16: decode in float32 unless told otherwise
@@ -102,17 +102,17 @@ def load_pipeline(
     if vae:
         kw = _component_path(vae, "vae")
         parts["vae"] = attempt(
-            vae, "VAE", lambda: AutoencoderKL.from_pretrained(vae, torch_dtype=decode_dtype, **kw)
+            vae, "VAE", lambda: AutoencoderKL.from_pretrained(vae, **dtype_kwarg(decode_dtype), **kw)
         )
     if unet:
         kw = _component_path(unet, "unet")
         parts["unet"] = attempt(
-            unet, "UNet", lambda: UNet2DConditionModel.from_pretrained(unet, torch_dtype=torch_dtype, **kw)
+            unet, "UNet", lambda: UNet2DConditionModel.from_pretrained(unet, **dtype_kwarg(torch_dtype), **kw)
         )
     pipe = attempt(
         model,
         "pipeline",
-        lambda: StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch_dtype, **parts),
+        lambda: StableDiffusionXLPipeline.from_pretrained(model, **dtype_kwarg(torch_dtype), **parts),
     )
     if lora:
         attempt(lora, "LoRA weights", lambda: pipe.load_lora_weights(lora))

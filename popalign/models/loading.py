@@ -25,6 +25,19 @@ FINGERPRINT_KEY = "popalign_base_fingerprint"
 _HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
 
 
+# the first versions whose ``from_pretrained`` takes ``dtype=`` (later ones warn on ``torch_dtype=``)
+_DTYPE_KWARG_SINCE = {"diffusers": (0, 40), "transformers": (4, 56)}
+
+
+def dtype_kwarg(dtype: torch.dtype, library: str = "diffusers") -> dict[str, torch.dtype]:
+    """``{"dtype": dtype}`` for a ``from_pretrained`` of ``library`` where the installed version takes
+    it (diffusers >= 0.40, transformers >= 4.56), else ``{"torch_dtype": dtype}`` for older ones."""
+    from importlib.metadata import version
+
+    release = tuple(int(x) for x in re.findall(r"\d+", version(library))[:2])
+    return {"dtype" if release >= _DTYPE_KWARG_SINCE[library] else "torch_dtype": dtype}
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16`` (also accepts ``bf16``/``fp16``/``fp32``)."""
     if isinstance(name, torch.dtype):
@@ -71,7 +84,11 @@ def load_unet(
 
     _check_component(pretrained_model, subfolder)
     return UNet2DConditionModel.from_pretrained(
-        pretrained_model, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=torch.float32
+        pretrained_model,
+        subfolder=subfolder,
+        revision=revision,
+        variant=variant,
+        **dtype_kwarg(torch.float32),
     )
 
 
