@@ -34,6 +34,7 @@ from popalign.models.loading import (
     FINGERPRINT_KEY,
     add_lora,
     base_fingerprint,
+    cast,
     dtype_kwarg,
     load_unet,
     looks_like_hub_id,
@@ -215,7 +216,7 @@ def rebuild_policy(
 
 def _write_full(unet: nn.Module, out: Path, base: str, dtype: torch.dtype, pipeline: bool) -> None:
     if dtype != torch.float32:
-        unet.to(dtype)
+        cast(unet, dtype)
     if not pipeline:
         unet.save_pretrained(out / "unet", safe_serialization=True)
         return

@@ -184,12 +184,16 @@ def _user_error_in(err: BaseException | None) -> UserError | None:
 
 def _build(args: list[str] | None, run: bool) -> PopAlignCLI:
     register_strategy()  # --trainer.strategy fsdp_blocks
-    return PopAlignCLI(
-        PopAlignModule,
-        PopulationDataModule,
-        subclass_mode_model=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # Lightning warns when args= is given while sys.argv holds a command line: exactly the demo's
+        # case (`popalign demo ...` runs the training in-process with its own arguments)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return PopAlignCLI(
+            PopAlignModule,
+            PopulationDataModule,
+            subclass_mode_model=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )

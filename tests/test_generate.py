@@ -203,3 +203,20 @@ def test_dtype_argument_follows_the_installed_version(monkeypatch, library, inst
 
     monkeypatch.setattr(importlib.metadata, "version", lambda lib: installed if lib == library else "0")
     assert dtype_kwarg(torch.float16, library) == {name: torch.float16}
+
+
+def test_cast_changes_the_dtype_without_diffusers_float32_warning(tiny_model, monkeypatch):
+    """diffusers' ``to`` warns about "modules that should be kept in float32" on every cast, even for
+    models that keep none; ``cast`` skips that warning for them and keeps diffusers' path for the rest."""
+    import diffusers.models.modeling_utils as mu
+
+    from popalign.models.loading import cast, load_unet
+
+    warned = []
+    monkeypatch.setattr(mu.logger, "warning", lambda msg, *a, **k: warned.append(msg))
+    unet = load_unet(tiny_model)
+    assert cast(unet, torch.bfloat16) is unet and {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert warned == []
+    monkeypatch.setattr(type(unet), "_keep_in_fp32_modules", ["conv_out"])
+    cast(unet, torch.float16)  # such a model goes through diffusers' own to(), warning included
+    assert unet.dtype == torch.float16 and len(warned) == 1

@@ -165,3 +165,15 @@ def test_a_checkpoint_callback_without_dirpath_resumes_from_last(tmp_path, monke
         ]
     )
     assert cli.trainer.global_step == 3  # continued from 2
+
+
+def test_arguments_from_python_are_not_taken_for_a_mistake(monkeypatch, recwarn, capsys):
+    """The demo runs the training in-process with its own arguments while sys.argv holds `popalign
+    demo ...`; Lightning's warning about args= beside a command line is not for that case."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["popalign", "demo", "--out", "runs/demo"])
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--help"])
+    assert exit_.value.code == 0 and "--trainer.max_steps" in capsys.readouterr().out
+    assert not [str(w.message) for w in recwarn if "args parameter" in str(w.message)]

@@ -80,7 +80,7 @@ def load_pipeline(
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from popalign.models.loading import dtype_kwarg, parse_dtype
+    from popalign.models.loading import cast, dtype_kwarg, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     # the stock SDXL VAE overflows in fp16: decode in float32 unless told otherwise
@@ -117,7 +117,7 @@ def load_pipeline(
     if lora:
         attempt(lora, "LoRA weights", lambda: pipe.load_lora_weights(lora))
     if pipe.vae.dtype != decode_dtype:
-        pipe.vae.to(dtype=decode_dtype)
+        cast(pipe.vae, decode_dtype)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -104,9 +104,18 @@ def load_noise_scheduler(pretrained_model: str, subfolder: str = "scheduler", re
     return DDPMScheduler.from_pretrained(pretrained_model, subfolder=subfolder, revision=revision)
 
 
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype=dtype)``, in place. A diffusers model that keeps no modules in float32 (SDXL's
+    UNet and VAE keep none) is cast with ``nn.Module.to``: diffusers' own ``to`` (0.42) warns about
+    such modules on every cast, even when the list is empty."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(dtype=dtype)
+    return nn.Module.to(model, dtype=dtype)
+
+
 def frozen_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A frozen copy of ``model`` (eval mode, no gradients) in ``dtype``: the reference for full fine-tuning."""
-    ref = copy.deepcopy(model).to(dtype=dtype)
+    ref = cast(copy.deepcopy(model), dtype)
     ref.requires_grad_(False)
     return ref.eval()
 
