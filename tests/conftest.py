@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,21 @@ from popalign.data.prompts import expand_prompts, write_prompt_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ALL_THREADS = torch.get_num_threads()
 torch.set_num_threads(1)  # tiny models: threading costs more than it gives, on a shared 2-core box
+
+
+@contextmanager
+def all_threads() -> Iterator[None]:
+    """torch's default thread count for the world's base model (about 1 M parameters, batches of
+    64): the one place threads pay, and the slow tests run one at a time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(ALL_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # 16 px images, VAE downsampling x2 -> latents 4 x 8 x 8; text dims D = 2 * 32, pooled Dp = 32
 TINY_IMAGE = 16
@@ -82,7 +98,8 @@ def world_base(tmp_path_factory) -> str:
     """The synthetic world's default biased base model, built once per session (minutes)."""
     from popalign.world.base import build_base_model
 
-    return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))
+    with all_threads():
+        return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))
 
 
 # ------------------------------------------------ the data stages: generate -> label -> build

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import all_threads
 
 from popalign.demo import DemoSettings, run_demo
 
@@ -24,7 +25,8 @@ def test_reduced_demo_debiases(world_base, tmp_path):
         eval_specific_images=8,
         progress=False,
     )
-    report = run_demo(settings)
+    with all_threads():
+        report = run_demo(settings)
     assert json.loads((out / "report.json").read_text()) == report
     base, aligned = report["base"], report["aligned"]
     print(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_WORLD_BASE
+from conftest import TINY_WORLD_BASE, all_threads
 
 from popalign.cli import main as cli_main
 from popalign.errors import UserError
@@ -249,7 +249,8 @@ def test_default_base_is_biased_and_faithful(world_base):
     """The full default build (minutes, shared with the demo test): neutral prompts biased,
     augmented prompts obeyed."""
     path = world_base
-    r = be.evaluate_base(path, n_per_prompt=32, seed=1)
+    with all_threads():
+        r = be.evaluate_base(path, n_per_prompt=32, seed=1)
     print(json.dumps(r, indent=2))
     assert r["neutral_discrepancy"] >= 0.3
     assert r["augmented_accuracy"] >= 0.9
