@@ -28,15 +28,20 @@ torch.set_num_threads(1)  # tiny models: threading costs more than it gives, on 
 
 
 @contextmanager
-def all_threads() -> Iterator[None]:
-    """torch's default thread count for the world's base model (about 1 M parameters, batches of
-    64): the one place threads pay, and the slow tests run one at a time."""
+def torch_threads(n: int) -> Iterator[None]:
+    """``n`` torch CPU threads inside the block, the previous count after it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(ALL_THREADS)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def all_threads():
+    """torch's default thread count for the world's base model (about 1 M parameters, batches of
+    64): the one place threads pay, and the slow tests run one at a time."""
+    return torch_threads(ALL_THREADS)
 
 
 # 16 px images, VAE downsampling x2 -> latents 4 x 8 x 8; text dims D = 2 * 32, pooled Dp = 32
@@ -120,10 +125,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def one_thread():
     """For test modules of tiny models (``pytestmark``): a second thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
