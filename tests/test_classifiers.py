@@ -69,6 +69,7 @@ def test_clip_probabilities_are_clips_softmax_over_class_texts_and_no_person(cli
     # expected: p = softmax(logit_scale * cos(image, text)) over [man, woman, child, no person]
     model = CLIPModel.from_pretrained(clip_dir).eval()
     tokens = AutoTokenizer.from_pretrained(clip_dir)([*TEXTS, NONE_TEXT], padding=True, return_tensors="pt")
+    tokens = {k: tokens[k] for k in ("input_ids", "attention_mask")}  # older transformers' CLIP takes no more
     pixels = AutoImageProcessor.from_pretrained(clip_dir)(images=list(x), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         p = model(**tokens, pixel_values=pixels).logits_per_image.softmax(-1).numpy()

@@ -127,7 +127,10 @@ class CLIPZeroShotClassifier(AttributeClassifier):
     def _text_embedding(self, texts: list[str]) -> Any:
         import torch
 
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        # only what CLIP's text tower takes: some tokenizers add token_type_ids, which older
+        # transformers' get_text_features refuses
+        tokens = {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask") if k in tokens}
         with torch.no_grad():
             e = self._features(self.model.get_text_features(**tokens)).float()
         e = torch.nn.functional.normalize(e, dim=-1).mean(0)
