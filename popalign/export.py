@@ -41,7 +41,6 @@ from popalign.models.loading import (
     parse_dtype,
 )
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # hyper-parameters may hold paths; rebuilding a path from its parts runs no code
 _SAFE_GLOBALS = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
 

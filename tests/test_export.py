@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 
 from popalign.cli import main
 from popalign.errors import UserError
-from popalign.export import FINGERPRINT_KEY, LORA_WEIGHT_NAME, base_fingerprint, export_checkpoint
+from popalign.export import FINGERPRINT_KEY, base_fingerprint, export_checkpoint
 from popalign.model_card import CardFacts, flatten, markdown_table, read_mapping, render_model_card
-from popalign.models.loading import load_unet
+from popalign.models.loading import LORA_WEIGHT_NAME, load_unet
 from popalign.module import PopAlignModule
 from popalign.objectives import PopAlignLoss
 
@@ -148,7 +148,7 @@ def test_lora_round_trip_with_load_lora_weights(lora_run, tiny_model, base_image
     out = export_checkpoint(ckpt, tmp_path / "lora")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_WEIGHT_NAME]
     pipe = _pipe(tiny_model)
-    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME)  # the tests run offline: docs/export.md
     exported = _sample(pipe)
     np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-5)
     assert np.abs(exported - base_images).max() > 1e-3

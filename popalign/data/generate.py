@@ -80,7 +80,7 @@ def load_pipeline(
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from popalign.models.loading import cast, dtype_kwarg, parse_dtype
+    from popalign.models.loading import cast, dtype_kwarg, load_lora_weights, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     # the stock SDXL VAE overflows in fp16: decode in float32 unless told otherwise
@@ -115,7 +115,7 @@ def load_pipeline(
         lambda: StableDiffusionXLPipeline.from_pretrained(model, **dtype_kwarg(torch_dtype), **parts),
     )
     if lora:
-        attempt(lora, "LoRA weights", lambda: pipe.load_lora_weights(lora))
+        attempt(lora, "LoRA weights", lambda: load_lora_weights(pipe, lora))
     if pipe.vae.dtype != decode_dtype:
         cast(pipe.vae, decode_dtype)
     if device is not None:

@@ -146,6 +146,17 @@ def add_lora(
     return unet
 
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+def load_lora_weights(pipe, source: str) -> None:
+    """``pipe.load_lora_weights(source)`` for an export folder, a weights file or a hub id. A folder
+    holding :data:`LORA_WEIGHT_NAME` names that file: diffusers before 0.42 refuses to guess a local
+    folder's file name in offline mode (``HF_HUB_OFFLINE=1``)."""
+    named = os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME))
+    pipe.load_lora_weights(source, **({"weight_name": LORA_WEIGHT_NAME} if named else {}))
+
+
 def base_fingerprint(unet: nn.Module) -> str:
     """A short hash of a base UNet: its config and a strided sample (≤ 256 values) of every base weight.
 
