@@ -1,17 +1,20 @@
 # popalign — the README's commands.
 #   make demo   set up the environment and run the whole pipeline on the built-in synthetic world
 #   make test   set up the environment and run the tests (slow end-to-end tests included)
+#   make test-min   the fast tests in .venv-min, against the oldest versions setup.cfg allows
 #
 # TORCH picks the PyTorch requirement; users get the default build for their platform. CPU-only
 # machines (and CI) pass a CPU build, e.g.  make test TORCH=torch==2.13.0
 
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch>=2.4
+TORCH ?= torch>=2.6
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.popalign-installed
+VENV_MIN ?= .venv-min
+MIN_VERSIONS := .ci/min-versions.txt
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast test-min lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,13 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+$(VENV_MIN)/.popalign-installed: setup.cfg pyproject.toml $(MIN_VERSIONS)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --upgrade pip
+	$(VENV_MIN)/bin/python -c "import torch" 2>/dev/null || $(VENV_MIN)/bin/python -m pip install "$(TORCH)"
+	$(VENV_MIN)/bin/python -m pip install -c $(MIN_VERSIONS) -e ".[dev]"
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/popalign demo --out runs/demo
 
@@ -31,6 +41,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+test-min: $(VENV_MIN)/.popalign-installed
+	$(VENV_MIN)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -38,4 +51,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) $(VENV_MIN) runs lightning_logs .pytest_cache
