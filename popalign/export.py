@@ -15,7 +15,6 @@ Everything is written to a hidden sibling folder that is renamed to ``DIR`` only
 
 from __future__ import annotations
 
-import inspect
 import os
 import pathlib
 import secrets
@@ -233,12 +232,11 @@ def _write_lora(unet: nn.Module, out: Path, dtype: torch.dtype) -> None:
     from peft.utils import get_peft_model_state_dict
 
     config, layers = unet.peft_config["default"], get_peft_model_state_dict(unet)
-    save, extra = StableDiffusionXLPipeline.save_lora_weights, {}
-    if "unet_lora_adapter_metadata" in inspect.signature(save).parameters:
-        extra["unet_lora_adapter_metadata"] = config.to_dict()  # so load_lora_weights applies lora_alpha / r
-    elif config.lora_alpha != config.r:  # older diffusers assume alpha = r: fold the scale into B
-        layers = {k: v * (config.lora_alpha / config.r) if "lora_B" in k else v for k, v in layers.items()}
-    save(out, unet_lora_layers={k: v.to(dtype) for k, v in layers.items()}, **extra)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out,
+        unet_lora_layers={k: v.to(dtype) for k, v in layers.items()},
+        unet_lora_adapter_metadata=config.to_dict(),  # so load_lora_weights applies lora_alpha / r
+    )
 
 
 def _sibling(out: Path, tag: str) -> Path:
