@@ -7,6 +7,8 @@ Configs are parsed in omegaconf mode, so values may interpolate (``${data.init_a
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 import warnings
 import zipfile
@@ -41,13 +43,39 @@ class PopAlignParser(LightningArgumentParser):
 
 
 def brief_parse_error(message: str) -> str:
-    """jsonargparse's message for a bad key inside a class (``model.init_args...``) is a page listing
-    every union subtype tried; the lines that say which option was refused are what a user needs."""
-    refused = [line.strip() for line in message.splitlines() if "is not accepted" in line]
+    """jsonargparse's message for a bad key inside a class (``model.init_args...``) or a class_path that
+    does not import is a page listing every union subtype tried; the lines that say which option was
+    refused, or why a class_path failed, are what a user needs."""
+    lines = [line.strip() for line in message.splitlines()]
+    refused = [line for line in lines if "is not accepted" in line]
+    refused += [
+        _class_path_problem(m[1], why) for m, why in zip(map(_CLASS_PATH.fullmatch, lines), lines[1:]) if m
+    ]
+    refused += [_class_path_problem(m[2], m[1]) for m in map(_CALLABLE_PATH.search, lines) if m]
+    refused = [r for r in refused if r]
     if not refused:
         return message.strip()
-    key = message.splitlines()[0].strip().rstrip(":")
+    key = lines[0].rstrip(":")
     return f"{key}: {'; '.join(dict.fromkeys(refused))}"
+
+
+_CLASS_PATH = re.compile(r"- Problem with given class_path '(.+)':")
+# an optimizer or scheduler (a callable type): the reason and the class_path share one line
+_CALLABLE_PATH = re.compile(
+    r"expects a function or a callable class: (.+)\. Got value: Namespace\(class_path='([^']+)'"
+)
+_NO_ATTRIBUTE = re.compile(r"module '(.+)' has no attribute '(.+)'")
+
+
+def _class_path_problem(class_path: str, why: str) -> str | None:
+    # a class that imported but whose own arguments failed says "Parser key ..." next: not the culprit
+    if why.startswith("Parser key"):
+        return None
+    hint = _NO_ATTRIBUTE.fullmatch(why)
+    if hint and hint[1] in sys.modules:
+        close = difflib.get_close_matches(hint[2], dir(sys.modules[hint[1]]), n=1)
+        why += f" (did you mean {hint[1]}.{close[0]}?)" if close else ""
+    return f"class_path '{class_path}': {why}"
 
 
 class PopAlignCLI(LightningCLI):

@@ -126,6 +126,11 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (["--model.init_args.lora_rank=0"], "lora_rank must be >= 1"),
         (["--model.init_args.pretrained_model=runs/tiny/shards"], "runs/tiny/shards: no 'unet/' folder"),
         (["--model.init_args.pretrained_model=./runs/nowhere"], "./runs/nowhere: model not found"),
+        # a hub id that cannot be fetched (the tests run offline): one line, not jsonargparse's dump
+        (
+            ["--model.init_args.pretrained_model=nobody/no-such-sdxl"],
+            "nobody/no-such-sdxl: cannot load the UNet (",
+        ),
         (["--ckpt_path=nowhere.ckpt"], "nowhere.ckpt: checkpoint not found"),
         (["--ckpt_path=garbage.ckpt"], "garbage.ckpt: not a PyTorch checkpoint"),
     ):
@@ -135,6 +140,16 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     for args, message in (
         (["--model.init_args.lr=1e-3"], "Option 'lr' is not accepted"),
         (["--optimizer=SGD"], "unrecognized arguments: --optimizer"),  # one optimizer knob: the model's
+        (  # a class_path that does not import: why, and the close name, not every union subtype tried
+            ["--model.init_args.objective.class_path=popalign.objectives.PopAlignLos"],
+            "class_path 'popalign.objectives.PopAlignLos': module 'popalign.objectives' has no attribute "
+            "'PopAlignLos' (did you mean popalign.objectives.PopAlignLoss?)",
+        ),
+        (["--model.init_args.objective.class_path=my_plugins.Loss"], "No module named 'my_plugins'"),
+        (  # optimizers are a callable type: jsonargparse words it differently
+            ["--model.init_args.optimizer.class_path=torch.optim.SGDD"],
+            "class_path 'torch.optim.SGDD': module 'torch.optim' has no attribute 'SGDD' (did you mean",
+        ),
     ):
         err = _fails(capsys, fit + args)
         assert len(err) == 2 and " fit: error: " in err[0] and message in err[0], err

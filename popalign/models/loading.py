@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from popalign.errors import UserError
+from popalign.errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -83,12 +83,16 @@ def load_unet(
     from diffusers import UNet2DConditionModel
 
     _check_component(pretrained_model, subfolder)
-    return UNet2DConditionModel.from_pretrained(
+    return _loaded(
         pretrained_model,
-        subfolder=subfolder,
-        revision=revision,
-        variant=variant,
-        **dtype_kwarg(torch.float32),
+        "UNet",
+        lambda: UNet2DConditionModel.from_pretrained(
+            pretrained_model,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
+            **dtype_kwarg(torch.float32),
+        ),
     )
 
 
@@ -101,7 +105,19 @@ def load_noise_scheduler(pretrained_model: str, subfolder: str = "scheduler", re
     from diffusers import DDPMScheduler
 
     _check_component(pretrained_model, subfolder)
-    return DDPMScheduler.from_pretrained(pretrained_model, subfolder=subfolder, revision=revision)
+    return _loaded(
+        pretrained_model,
+        "noise scheduler",
+        lambda: DDPMScheduler.from_pretrained(pretrained_model, subfolder=subfolder, revision=revision),
+    )
+
+
+def _loaded(source: str, what: str, load):
+    # a hub id that is unknown, not cached offline or private, or a folder diffusers cannot read: one line
+    try:
+        return load()
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source}: cannot load the {what} ({first_line(err)})") from None
 
 
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
