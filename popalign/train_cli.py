@@ -107,12 +107,19 @@ class PopAlignCLI(LightningCLI):
             check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
 
     def before_fit(self) -> None:
-        """Refuse resuming a checkpoint *file* under Lightning's plain ``fsdp``: it loads the file
-        strictly, and popalign's checkpoints leave out the frozen weights (a page of "Missing key(s)").
+        """Refuse a fresh run into a checkpoint folder holding an earlier run's checkpoints, and
+        resuming a checkpoint *file* under Lightning's plain ``fsdp``.
+
+        The checkpoint folder is fixed (``--ckpt_path last`` must find it after a restart), so a second
+        fresh run there would write ``last-v1.ckpt`` beside the first run's ``last.ckpt``, and exporting
+        ``last.ckpt`` would silently take the old run. Plain ``fsdp`` loads a checkpoint file strictly,
+        and popalign's checkpoints leave out the frozen weights (a page of "Missing key(s)");
         ``fsdp_blocks`` resumes them; sharded checkpoint folders resume under either."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path:
+            refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
         strategy = self.trainer.strategy
         if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
             return
@@ -164,6 +171,23 @@ def fixed_checkpoint_dirs(callbacks: list, logger: Logger | None) -> None:
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(folder)
+
+
+def refuse_earlier_checkpoints(callbacks: list) -> None:
+    """:class:`UserError` when a ``ModelCheckpoint``'s folder already holds checkpoints (``*.ckpt``)."""
+    for callback in callbacks:
+        folder = (
+            Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+        )
+        found = folder.glob("*.ckpt") if folder and folder.is_dir() else []
+        earlier = sorted((p.name for p in found), key=lambda name: (not name.startswith("last"), name))
+        if earlier:
+            shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+            raise UserError(
+                f"{folder}: holds the checkpoints of an earlier run ({shown}); continue it with --ckpt_path "
+                "last, or move them away to start afresh (or give this run another folder: the "
+                "ModelCheckpoint's dirpath in the config)"
+            )
 
 
 _CKPT_NAMES = ("last", "best", "hpc", "registry")

@@ -32,7 +32,7 @@ def _logged(run: Path, tag: str) -> dict[int, float]:
     return values
 
 
-def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch):
+def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
     fit = ["fit", "--config", CONFIG, *WARMUP, "--trainer.enable_progress_bar=false"]
@@ -56,6 +56,18 @@ def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch)
     lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
     assert sorted(lr) == list(range(6))
     assert [lr[s] for s in range(6)] == pytest.approx([1e-4 * (s + 1) / 8 for s in range(6)], rel=1e-6)
+
+    # a fresh run into the same checkpoint folder would write last-v1.ckpt beside this run's last.ckpt
+    # (which export would then take): refused in one line, nothing written
+    before = sorted(p.name for p in last.parent.iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli_main([*fit, "--trainer.max_steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"train.py: error: {last.parent}: holds the checkpoints of an earlier run")
+    assert "last.ckpt" in err[0] and "--ckpt_path last" in err[0]
+    assert sorted(p.name for p in last.parent.iterdir()) == before
 
 
 def test_bad_shards_path_is_one_line_error(tmp_path, monkeypatch, capsys):
