@@ -157,7 +157,10 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
             "class_path 'popalign.objectives.PopAlignLos': module 'popalign.objectives' has no attribute "
             "'PopAlignLos' (did you mean popalign.objectives.PopAlignLoss?)",
         ),
-        (["--model.init_args.objective.class_path=my_plugins.Loss"], "No module named 'my_plugins'"),
+        (
+            ["--model.init_args.objective.class_path=popalign_nowhere.Loss"],
+            "No module named 'popalign_nowhere'",
+        ),
         (  # optimizers are a callable type: jsonargparse words it differently
             ["--model.init_args.optimizer.class_path=torch.optim.SGDD"],
             "class_path 'torch.optim.SGDD': module 'torch.optim' has no attribute 'SGDD' (did you mean",
