@@ -455,6 +455,43 @@ def test_existing_output_needs_overwrite(tiny_model, prompt_files, tmp_path, cap
     assert code == 2 and "--overwrite" in err and (out / "old.txt").exists()
 
 
+def _tree(folder) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_overwrite_replaces_only_an_evaluation_output(world_images, tmp_path, capsys):
+    def evaluate(out):
+        argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
+                "--bootstrap", "20", "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
+        return _run(argv, capsys)
+
+    # a folder of popalign generate's image shards, and folders that only share a file name with a report
+    shards = _world_shards(tmp_path / "shards")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("# my notes\n")
+    (notes / "metrics.json").write_text(json.dumps({"fid": 1.0}))
+    for folder in (shards, notes):
+        before = _tree(folder)
+        code, err = evaluate(folder)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.strip().startswith(
+            f"popalign evaluate: error: {folder}: does not look like an evaluation output"
+        )
+        assert _tree(folder) == before and not list(tmp_path.glob(f".{folder.name}*"))
+    # an empty folder, and an earlier evaluation output (whose stray files go with it), are replaced
+    out = tmp_path / "eval"
+    out.mkdir()
+    code, err = evaluate(out)
+    assert code == 0, err
+    first = json.loads((out / "metrics.json").read_text())
+    (out / "images" / "stale.png").write_bytes(b"old")
+    code, err = evaluate(out)
+    assert code == 0, err
+    assert not (out / "images" / "stale.png").exists() and len(list((out / "images").glob("*.png"))) == 12
+    assert json.loads((out / "metrics.json").read_text()) == first
+
+
 def test_specific_prompts_can_take_fewer_images():
     from popalign.errors import UserError
     from popalign.evaluation.config import EvalConfig
@@ -552,6 +589,28 @@ def test_fid_without_torch_fidelity_names_the_flag(tiny_model, prompt_files, tmp
     code, err = _run(argv, capsys)
     line = err.strip().splitlines()[-1]
     assert code == 2 and "pass --fid-features pixel" in line and "feature_extractor" not in line, err
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("features", ["inception", "pixel"])
+@pytest.mark.parametrize(
+    ("reference", "message"), [("nope.npy", "--fid-reference not found"), ("notes.txt", "not a .npy array")]
+)
+def test_bad_fid_reference_is_reported_first_naming_the_file(
+    reference, message, features, tiny_model, prompt_files, tmp_path, capsys, monkeypatch
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # inception features cannot load
+    (tmp_path / "notes.txt").write_text("not an array\n")
+    path = tmp_path / "runs" / reference if reference == "nope.npy" else tmp_path / reference
+    argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
+        "--fid-reference", str(path), "--fid-features", features,
+    ]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith(f"popalign evaluate: error: {path}: {message}"), err
+    assert "torch-fidelity" not in err and "pickle" not in err
     assert not (tmp_path / "eval").exists()
 
 

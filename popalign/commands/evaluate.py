@@ -135,7 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     quality.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     quality.add_argument("--out", required=True, default=S, metavar="DIR", help="output folder")
-    quality.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    quality.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out that holds an earlier evaluation"
+    )
     quality.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -47,6 +47,20 @@ def settings_of(config: EvalConfig, axes: Sequence[BiasAxis], joint: Intersectio
     return s
 
 
+def is_evaluation_output(folder: Path) -> bool:
+    """Whether ``folder`` holds what ``evaluate`` writes: ``report.md`` and a ``metrics.json`` with
+    ``metrics`` and ``settings`` (the only non-empty folders ``--overwrite`` replaces)."""
+    import json
+
+    if not (folder / "report.md").is_file():
+        return False
+    try:
+        result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(result, dict) and "metrics" in result and "settings" in result
+
+
 class Collected:
     """Per-image results of one model: labels, adherence, CLIP scores; FID is fed on the way."""
 
@@ -109,10 +123,9 @@ class Evaluator:
         self.config, self.notes = config, []
         self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.out = Path(config.out) if config.out else None
-        if self.out and self.out.exists() and not self.out.is_dir():
-            raise UserError(f"{self.out}: exists and is not a folder")
-        if self.out and self.out.exists() and any(self.out.iterdir()) and not config.overwrite:
-            raise UserError(f"{self.out}: already exists; pass --overwrite or choose another --out")
+        self._check_out()
+        # opened (and checked) before anything is loaded: a bad file is the first error reported
+        self.fid_reference = fid_reference_batches(config.fid_reference) if config.fid_reference else None
         self.axes, self.joint = resolve_axes(config)
         self.prompts: list[EvalPrompt] = []
         if not config.images:
@@ -132,8 +145,26 @@ class Evaluator:
             self.clip = ClipEncoder(config.clip_model).to(self.device)
         else:
             self.notes.append("CLIP score skipped: no --clip-model given")
-        if config.fid_reference:
+        if self.fid_reference is not None:
             self._load_fid()
+
+    def _check_out(self) -> None:
+        """``--out`` may be absent, empty, or with ``--overwrite`` an earlier evaluation output; a
+        folder of anything else is never replaced."""
+        out = self.out
+        if out is None or not out.exists():
+            return
+        if not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        if not any(out.iterdir()):
+            return
+        if not is_evaluation_output(out):  # refused with or without --overwrite: no advice that fails
+            raise UserError(
+                f"{out}: does not look like an evaluation output (no report.md and metrics.json of "
+                "popalign evaluate); --overwrite replaces only those: choose another --out"
+            )
+        if not self.config.overwrite:
+            raise UserError(f"{out}: already exists; pass --overwrite or choose another --out")
 
     def _load_fid(self) -> None:
         from popalign.metrics import FID, PixelStatsFeatures
@@ -147,7 +178,7 @@ class Evaluator:
                 f"(pip install torch-fidelity); or pass --fid-features pixel ({err.__cause__ or err})"
             ) from None
         self.fid_reference_images = 0
-        for batch in fid_reference_batches(self.config.fid_reference):
+        for batch in self.fid_reference:
             self.fid.update(_chw(batch).to(self.device), real=True)
             self.fid_reference_images += len(batch)
         if self.fid_reference_images < 2:
@@ -279,6 +310,7 @@ class Evaluator:
             result["notes"] = self.notes
             if stage is not None:
                 self._write(stage, result, cols)
+                self._check_out()  # again: the folder may have changed while sampling
                 if self.out.exists():
                     shutil.rmtree(self.out)
                 os.replace(stage, self.out)

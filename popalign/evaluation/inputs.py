@@ -306,32 +306,54 @@ def stored_batches(config: EvalConfig, axes: Sequence[BiasAxis]) -> Iterator[Bat
 
 
 def fid_reference_batches(path: str, batch_size: int = 64) -> Iterator[np.ndarray]:
-    """uint8 ``[n, H, W, 3]`` batches of the FID reference: a ``.npy`` array or ``generate`` shards."""
-    p = Path(path)
-    if p.is_dir():
-        from popalign.data.images import iter_image_samples
+    """uint8 ``[n, H, W, 3]`` batches of the FID reference: a ``.npy`` array or ``generate`` shards.
 
-        chunk: list[np.ndarray] = []
-        for s in iter_image_samples(p):
-            chunk.append(s.image())
-            if len(chunk) == batch_size:
-                yield np.stack(chunk)
-                chunk = []
-        if chunk:
-            yield np.stack(chunk)
-        return
+    The reference is opened and checked when this is called (a ``UserError`` naming the file), not
+    when the first batch is drawn, so a bad reference is reported before anything is loaded."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: --fid-reference not found (no such file or folder)")
+    if p.is_dir():
+        from popalign.data.images import image_shards
+
+        return _shard_batches(p, image_shards(p), batch_size)
+    return _array_batches(_reference_array(p), batch_size)
+
+
+def _reference_array(p: Path) -> np.ndarray:
+    """The memory-mapped ``.npy`` FID reference, checked to be uint8 ``[N >= 2, H, W, 3]``."""
+    magic = np.lib.format.MAGIC_PREFIX
     try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        with open(p, "rb") as f:
+            is_npy = f.read(len(magic)) == magic
+        arr = np.load(p, mmap_mode="r", allow_pickle=False) if is_npy else None
     except (OSError, ValueError, EOFError) as err:
-        raise UserError(f"{p}: cannot read the FID reference ({str(err).splitlines()[0]})") from None
-    if (
-        not isinstance(arr, np.ndarray)
-        or arr.dtype != np.uint8
-        or arr.ndim != 4
-        or arr.shape[-1] != 3
-        or len(arr) < 2
-    ):
-        got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise UserError(f"{p}: the FID reference must be uint8 images [N >= 2, H, W, 3], got {got}")
+        raise UserError(f"{p}: cannot read the FID reference ({first_line(err)})") from None
+    if arr is None:  # np.load would try it as a pickle and say so
+        raise UserError(
+            f"{p}: not a .npy array; --fid-reference takes a .npy uint8 array [N, H, W, 3] "
+            "or a folder of popalign generate's image shards"
+        )
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) < 2:
+        raise UserError(
+            f"{p}: the FID reference must be uint8 images [N >= 2, H, W, 3], got {arr.dtype} {arr.shape}"
+        )
+    return arr
+
+
+def _array_batches(arr: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(arr), batch_size):
         yield np.array(arr[start : start + batch_size])  # a writable copy of the memory-mapped slice
+
+
+def _shard_batches(folder: Path, shards: list[Path], batch_size: int) -> Iterator[np.ndarray]:
+    from popalign.data.images import iter_image_samples
+
+    chunk: list[np.ndarray] = []
+    for s in iter_image_samples(folder, shards):
+        chunk.append(s.image())
+        if len(chunk) == batch_size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
