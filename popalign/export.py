@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import secrets
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from popalign import files
 from popalign.errors import UserError, first_line
 from popalign.model_card import CardFacts, find_run_config, read_mapping, render_model_card
 from popalign.models.loading import (
@@ -239,28 +241,23 @@ def _write_lora(unet: nn.Module, out: Path, dtype: torch.dtype) -> None:
     )
 
 
-def _sibling(out: Path, tag: str) -> Path:
-    """A hidden, unused name beside ``out`` (a plain name: mkdtemp's folders would be private, mode 700)."""
-    return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+def _new_file_mode(folder: Path) -> int:
+    """The mode a new file in ``folder`` gets (0666 less the umask), read off one made there and removed:
+    reading the umask itself means setting it, process-wide."""
+    probe = folder / f".mode-{secrets.token_hex(4)}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = _sibling(out, "old")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{out}: {parent} is a file, not a folder")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+def _give_mode(folder: Path, mode: int) -> None:
+    """``mode`` for every file below ``folder``: safetensors writes its files 0600, which nobody else on a
+    shared machine could read, while the rest of an export gets the usual mode."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def export_checkpoint(
@@ -286,15 +283,17 @@ def export_checkpoint(
         pipeline: write a complete pipeline folder (full or merged UNet + the base's other components).
         merge: LoRA only: merge the adapters into the UNet instead of writing adapter weights.
         ema: export the run's EMA weights instead of the last ones.
-        dtype: ``fp32``, ``bf16`` or ``fp16`` for the written weights.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` (or ``float32``, ``bfloat16``, ``float16``) for the written
+            weights.
         config: the run's LightningCLI ``config.yaml`` (default: found next to the checkpoint).
         data_summary, metrics: JSON files described in the model card.
         overwrite: replace an existing ``out``.
-        push_to_hub: upload the folder to this Hugging Face repo afterwards.
+        push_to_hub: upload the folder to this Hugging Face repo afterwards. When the upload fails, the
+            :class:`UserError` says so; ``out`` is complete and stays.
     """
     ckpt_path, out = Path(ckpt), Path(out)
     torch_dtype = parse_dtype(dtype)
-    _check_out(out, overwrite)
+    files.check_out(out, overwrite)
     # read every input before the slow part, so a bad file fails fast
     checkpoint = load_training_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
@@ -326,9 +325,10 @@ def export_checkpoint(
     unet = rebuild_policy(checkpoint, ckpt_path, facts.base, ema=ema)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "partial")
+    tmp = files.sibling(out, "partial")
     tmp.mkdir()
     try:
+        mode = _new_file_mode(tmp)
         if facts.kind == "lora":
             _write_lora(unet, tmp, torch_dtype)
         else:
@@ -337,7 +337,8 @@ def export_checkpoint(
                 unet.unload_lora()
             _write_full(unet, tmp, facts.base, torch_dtype, pipeline)
         (tmp / "README.md").write_text(render_model_card(facts), encoding="utf-8")
-        _replace(tmp, out)
+        _give_mode(tmp, mode)
+        files.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -355,4 +356,8 @@ def push_folder_to_hub(folder: str | Path, repo: str, private: bool = False) -> 
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
         return api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="popalign export")
     except Exception as err:  # offline, no token, no rights: each is the user's to fix
-        raise UserError(f"{folder}: could not push to the hub repo {repo} ({first_line(err)})") from err
+        later = f"hf upload {repo} {shlex.quote(str(folder))}" + (" --private" if private else "")
+        raise UserError(
+            f"{folder}: could not push to the hub repo {repo} ({first_line(err)}); the export in {folder} is "
+            f"complete: upload just that folder later with `{later}`"
+        ) from err

@@ -1,8 +1,10 @@
-"""Small file helpers shared by the stages: whole-file writes that never leave a half-written file.
+"""Small file helpers shared by the stages: whole-file and whole-folder writes that never leave a
+half-written file or folder.
 
 A reader (or a resumed run) sees either the previous file or the complete new one: the text goes to a
 hidden temporary file beside ``path`` (named with the process id, so concurrent writers do not share
-it) and is renamed over ``path`` in one step.
+it) and is renamed over ``path`` in one step. Folders are built under :func:`sibling` names and put in
+place with :func:`replace_folder`.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from popalign.errors import UserError
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -44,3 +50,28 @@ def jsonable(value: Any) -> Any:
 def write_json(path: str | Path, data: Any) -> None:
     """``jsonable(data)`` as indented JSON, written with :func:`write_text`."""
     write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def sibling(out: Path, tag: str) -> Path:
+    """A hidden, unused name beside ``out`` (a plain name: mkdtemp's folders would be private, mode 700)."""
+    return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``, removing what was there only once ``tmp`` is in place."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = sibling(out, "old")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: {parent} is a file, not a folder")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")

@@ -99,6 +99,21 @@ def _rewrite(ckpt, path, edit):
     return path
 
 
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which a new file is 0644: files made 0600 then show."""
+    umask = os.umask(0o022)
+    yield 0o022
+    os.umask(umask)
+
+
+def _assert_usual_modes(out, umask: int) -> None:
+    """Every folder and file of an export has the mode a new one gets under ``umask``: others can read it."""
+    for path in [out, *out.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, f"{path}: {oct(path.stat().st_mode & 0o777)}"
+
+
 def _refuses(match: str, named, **kw) -> str:
     with pytest.raises(UserError, match=match) as err:
         export_checkpoint(**kw)
@@ -108,10 +123,11 @@ def _refuses(match: str, named, **kw) -> str:
 
 
 # ---------------------------------------------------------------- round trips
-def test_full_pipeline_round_trip(full_run, tiny_model, base_images, tmp_path):
+def test_full_pipeline_round_trip(full_run, tiny_model, base_images, tmp_path, umask_022):
     module, ckpt = full_run
     out = export_checkpoint(ckpt, tmp_path / "aligned", pipeline=True)
     assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
+    _assert_usual_modes(out, umask_022)  # the weights too, which safetensors writes 0600
     exported = _sample(_pipe(out))
     np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-5)
     assert np.abs(exported - base_images).max() > 1e-2
@@ -143,10 +159,11 @@ def test_full_unet_only_in_bf16_ignores_reference_weights(full_run, tiny_model, 
     assert not torch.equal(saved["conv_in.weight"], base["conv_in.weight"].bfloat16())
 
 
-def test_lora_round_trip_with_load_lora_weights(lora_run, tiny_model, base_images, tmp_path):
+def test_lora_round_trip_with_load_lora_weights(lora_run, tiny_model, base_images, tmp_path, umask_022):
     module, ckpt = lora_run
     out = export_checkpoint(ckpt, tmp_path / "lora")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_WEIGHT_NAME]
+    _assert_usual_modes(out, umask_022)
     pipe = _pipe(tiny_model)
     pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME)  # the tests run offline: docs/export.md
     exported = _sample(pipe)
@@ -286,7 +303,7 @@ def test_lora_onto_a_different_base(lora_run, tiny_model, other_bases, tmp_path)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path):
+def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path, umask_022):
     _refuses("--merge applies to LoRA", full_run[1], ckpt=full_run[1], out=tmp_path / "x", merge=True)
     _refuses("only with --merge", lora_run[1], ckpt=lora_run[1], out=tmp_path / "x", pipeline=True)
     out = tmp_path / "taken"
@@ -296,9 +313,7 @@ def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     export_checkpoint(full_run[1], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as any folder the user makes
+    _assert_usual_modes(out, umask_022)  # readable as any folder and file the user makes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 
@@ -477,7 +492,8 @@ def test_bad_card_inputs_name_the_file(full_run, tmp_path):
 
 def test_cli(full_run, lora_run, tmp_path, capsys):
     module, ckpt = full_run
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "cli"), "--dtype", "fp16"]) == 0
+    # the dtype names `popalign generate` and `evaluate` take work too (float16 = fp16)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "cli"), "--dtype", "float16"]) == 0
     assert (tmp_path / "cli" / "unet" / "config.json").is_file()
     saved = load_file(tmp_path / "cli" / "unet" / "diffusion_pytorch_model.safetensors")
     policy = module.policy.state_dict()
@@ -493,6 +509,31 @@ def test_cli(full_run, lora_run, tmp_path, capsys):
     assert main(["export", str(tmp_path / "gone.ckpt"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "gone.ckpt" in err and err.startswith("popalign export: error:")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "--dtype {fp32,float32,bf16,bfloat16,fp16,float16}" in capsys.readouterr().out
+
+
+def test_failed_push_keeps_the_export_and_says_how_to_upload_it(full_run, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    monkeypatch.setattr(HfApi, "upload_folder", offline)
+    out = tmp_path / "aligned"
+    argv = ["export", str(full_run[1]), "--out", str(out), "--push-to-hub", "me/x"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"popalign export: error: {out}: could not push to the hub repo me/x (offline); the export in {out} "
+        f"is complete: upload just that folder later with `hf upload me/x {out}`"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]  # the whole export, kept
+    assert "\n# me/x\n" in (out / "README.md").read_text()  # titled after the repo it is meant for
+    assert main([*argv, "--overwrite", "--private"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"`hf upload me/x {out} --private`")
 
 
 def test_run_config_is_found_where_lightning_writes_it(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+# both spellings: the short ones, and the long ones `popalign generate` / `evaluate` take
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 S = argparse.SUPPRESS  # optional flags are absent unless given: no "(default: None)" in --help
 
 HELP = "export a checkpoint as a diffusers UNet / pipeline or LoRA weights, with a model card"
@@ -17,7 +19,7 @@ HELP = "export a checkpoint as a diffusers UNet / pipeline or LoRA weights, with
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "checkpoint", help="Lightning checkpoint of a run, e.g. runs/popalign/version_0/checkpoints/last.ckpt"
+        "checkpoint", help="Lightning checkpoint of a run, e.g. runs/sdxl_popalign/checkpoints/last.ckpt"
     )
     parser.add_argument(
         "--out",
@@ -39,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ema", action="store_true", help="export the run's EMA weights (the run needs ema_decay)"
     )
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights"
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="dtype of the written weights: fp32 (= float32, lossless), bf16 (= bfloat16) or fp16 (= float16)",
     )
     parser.add_argument(
         "--config",
