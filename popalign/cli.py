@@ -14,6 +14,7 @@ exits 130.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import pkgutil
 import sys
@@ -34,8 +35,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def unrecognized_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the closest of ``parser``'s flags for each
+    unknown flag that has one (``--axis`` -> "did you mean --axes?")."""
+    known = {s.lstrip("-"): s for s in parser._option_string_actions}  # dashes alone make "--x" like "--y"
+    guesses: dict[str, str] = {}
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-") and flag not in guesses:
+            close = difflib.get_close_matches(flag.lstrip("-"), list(known), n=1)
+            if close:
+                guesses[flag] = known[close[0]]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if len(guesses) == 1:
+        return f"{message} (did you mean {next(iter(guesses.values()))}?)"
+    if guesses:
+        return f"{message} (did you mean {', '.join(f'{g} for {f}' for f, g in guesses.items())}?)"
+    return message
+
+
+class Parser(argparse.ArgumentParser):
+    """The top-level parser: arguments no parser took are reported by the subcommand's parser, so the
+    user sees that command's usage line and ``popalign COMMAND: error: ...``."""
+
+    def parse_args(self, args=None, namespace=None):  # argparse's signature
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(ns, "_parser", self)
+            parser.error(unrecognized_message(parser, extras))
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="popalign",
         description="Population-level alignment of text-to-image diffusion models. Stages: "
         "prompts -> generate -> label -> build -> (python train.py fit) -> evaluate -> export.",
@@ -54,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _parser=cmd)
     return parser
 
 
