@@ -23,7 +23,7 @@ from popalign.models.loading import (
     parse_dtype,
 )
 from popalign.objectives import Objective, ObjectiveOutput, PopAlignLoss
-from popalign.resume import check_resumable, complete_state
+from popalign.resume import apply_optimizer_settings, check_resumable, complete_state, optimizer_settings
 
 
 class PopAlignModule(L.LightningModule):
@@ -286,6 +286,7 @@ class PopAlignModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
         else:
             optimizer = self.optimizer_factory(params)
+        self._configured_optimizer = optimizer_settings(optimizer)  # before a schedule or a resume moves them
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -436,6 +437,18 @@ class PopAlignModule(L.LightningModule):
         checkpoint["popalign_frozen_from"] = self.hparams.pretrained_model
         checkpoint[FINGERPRINT_KEY] = self.base_fingerprint
 
+    def on_train_start(self) -> None:
+        """After a resume restored the checkpoint's optimizer state: the config's optimizer settings
+        (learning rate, weight decay, ...) where they changed (:func:`popalign.resume.apply_optimizer_settings`)."""
+        source, configured = (
+            getattr(self, "_resumed_from", None),
+            getattr(self, "_configured_optimizer", None),
+        )
+        if source is None or configured is None or not self.trainer.optimizers:
+            return
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        apply_optimizer_settings(self.trainer.optimizers[0], configured, schedulers, source)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume under the config given (``train.py`` does not parse the checkpoint's arguments over
         it): refuse what a run cannot change (the base model, full vs LoRA), log the rest, reload the
@@ -443,6 +456,7 @@ class PopAlignModule(L.LightningModule):
         (:mod:`popalign.resume`)."""
         source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         check_resumable(checkpoint, source, dict(self.hparams), self.base_fingerprint, self.lora)
+        self._resumed_from = source
         state = checkpoint.get("state_dict")
         if state is not None:
             complete_state(state, self.state_dict(), self.frozen_keys(), self.ema)

@@ -6,7 +6,10 @@ cannot change, and fills in what checkpoints leave out:
 
 - :func:`check_resumable`: another base model (fingerprint of its weights and architecture) or other
   LoRA settings (full <-> LoRA, rank, alpha, target modules) are refused in one line; other changed
-  hyperparameters (learning rate, ``ema_decay``, ...) are logged and take effect.
+  hyperparameters (``ema_decay``, the objective's, ...) are logged and take effect.
+- :func:`apply_optimizer_settings`: a resume restores the checkpoint's optimizer state, hyperparameters
+  included; the config's learning rate, weight decay, betas, eps and momentum are put back where they
+  differ (a new learning rate rescales the schedule at its current step) and logged.
 - :func:`complete_state`: checkpoints hold trainable state only; the frozen weights (the reference
   copy, LoRA's base) come from the freshly loaded ``pretrained_model``. An EMA switched on since the
   checkpoint starts at its weights; one switched off is dropped.
@@ -28,6 +31,7 @@ from popalign.models.loading import FINGERPRINT_KEY
 log = logging.getLogger(__name__)
 
 FIXED = ("lora_rank", "lora_alpha", "lora_target_modules")  # a resumed run cannot change these
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps", "momentum")
 
 
 def _plain(value: Any) -> Any:  # YAML gives lists where the signature says tuple
@@ -68,6 +72,49 @@ def check_resumable(
     notes = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changed.items() if k not in FIXED]
     if notes:
         log.warning("resuming %s with changed settings: %s", source, "; ".join(notes))
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's :data:`OPTIMIZER_SETTINGS` as the config made them: read before a scheduler
+    or a checkpoint changes them."""
+    return [{k: _number(g[k]) for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
+
+
+def _number(value: Any) -> Any:  # lr may be a tensor (capturable optimizers)
+    return tuple(map(_number, value)) if isinstance(value, (list, tuple)) else float(value)
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]], schedulers: list, source: str
+) -> None:
+    """After a resume restored the checkpoint's optimizer state, give each param group the
+    ``configured`` settings where they differ, and log the changes.
+
+    A new learning rate moves the schedule's base (``initial_lr``, the schedulers' ``base_lrs``) and
+    scales the current rate by new/old, so the schedule continues at its step towards the new peak
+    (``lr(s) = lr_base · factor(s)`` for every multiplicative schedule, LambdaLR's included).
+    """
+    notes = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, value in want.items():
+            was = _number(group.get("initial_lr", group[key]) if key == "lr" else group[key])
+            if was == value:
+                continue
+            notes.append(f"{key}: {was!r} -> {value!r}")
+            if key != "lr":
+                group[key] = value
+                continue
+            group["lr"] = _number(group["lr"]) * value / was
+            if "initial_lr" in group:
+                group["initial_lr"] = value
+            for scheduler in schedulers:
+                if getattr(scheduler, "optimizer", None) is optimizer:
+                    scheduler.base_lrs[i] = value
+                    scheduler._last_lr = [_number(g["lr"]) for g in optimizer.param_groups]
+    if notes:
+        log.warning(
+            "resuming %s with changed optimizer settings: %s", source, "; ".join(dict.fromkeys(notes))
+        )
 
 
 def complete_state(

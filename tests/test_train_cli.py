@@ -32,7 +32,7 @@ def _logged(run: Path, tag: str) -> dict[int, float]:
     return values
 
 
-def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch, capsys):
+def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
     fit = ["fit", "--config", CONFIG, *WARMUP, "--trainer.enable_progress_bar=false"]
@@ -56,6 +56,21 @@ def test_tiny_fit_writes_checkpoint_and_logs_then_resumes(tmp_path, monkeypatch,
     lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
     assert sorted(lr) == list(range(6))
     assert [lr[s] for s in range(6)] == pytest.approx([1e-4 * (s + 1) / 8 for s in range(6)], rel=1e-6)
+
+    # the config's optimizer settings win over the checkpoint's (README): a new peak rate continues
+    # the warm-up at step 6 from the new base, and the change is logged
+    new = [
+        "--model.init_args.optimizer.init_args.lr=2e-4",
+        "--model.init_args.optimizer.init_args.weight_decay=0.05",
+    ]
+    with caplog.at_level(logging.WARNING, logger="popalign.resume"):
+        cli = cli_main([*fit, "--trainer.max_steps=8", "--ckpt_path=last", *new])
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == 2e-4 and group["weight_decay"] == 0.05
+    lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
+    assert [lr[s] for s in (6, 7)] == pytest.approx([2e-4 * 7 / 8, 2e-4 * 8 / 8], rel=1e-6)
+    changed = [r.getMessage() for r in caplog.records if "changed optimizer settings" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].endswith("lr: 0.0001 -> 0.0002; weight_decay: 0.01 -> 0.05")
 
     # a fresh run into the same checkpoint folder would write last-v1.ckpt beside this run's last.ckpt
     # (which export would then take): refused in one line, nothing written
