@@ -388,3 +388,26 @@ def test_bad_fraction_abort_names_shard_and_key(tmp_path):
         read_all([url], max_bad_fraction=0.01)
     assert str(err.value).startswith(f"{url}: sample 'p0001-g0000': 1 of 2 samples bad")
     assert "json metadata must be an object" in str(err.value)
+
+
+def test_image_shards_given_for_training_are_one_error(tmp_path, caplog):
+    # `popalign generate`'s output passed as --data.train_shards: one error saying so, not a warning
+    # per sample ("missing preferred.npy ...") followed by the bad-fraction abort
+    import webdataset as wds
+
+    from popalign.data.images import encode_image
+
+    url = str(tmp_path / "images-r0-000000.tar")
+    with wds.TarWriter(url) as sink:
+        for i in range(5):
+            image = np.zeros((8, 8, 3), np.uint8)
+            sink.write(
+                encode_image(f"p0000-n0000-{i:04d}", image, np.zeros((4, 1, 1)), {"prompt": "a doctor"})
+            )
+    with caplog.at_level(logging.WARNING), pytest.raises(ShardError) as err:
+        list(read_groups([url], BadSampleCounter(max_bad_fraction=0.5)))
+    assert str(err.value) == (
+        f"{url}: an image shard of popalign generate, not population shards; train on the --out of "
+        "popalign build (which groups the images into populations)"
+    )
+    assert not caplog.records

@@ -246,6 +246,7 @@ def read_groups(
     for url in urls:
         for sample in iter_tar_samples(url):
             key = sample.get("__key__")
+            _refuse_image_sample(sample, url)
             try:
                 if "__error__" in sample:
                     raise ShardError(sample["__error__"], url=url, key=key)
@@ -261,6 +262,17 @@ def read_groups(
             counter.good()
             yield group
     counter.finish()
+
+
+def _refuse_image_sample(sample: dict[str, Any], url: str) -> None:
+    # `popalign generate`'s image shards (one image, its latent and json per sample) given for
+    # training: every sample would be skipped as bad, a warning each; one line says what happened
+    if ("png" in sample or "jpg" in sample) and "preferred.npy" not in sample:
+        raise ShardError(
+            "an image shard of popalign generate, not population shards; train on the --out of "
+            "popalign build (which groups the images into populations)",
+            url=url,
+        )
 
 
 class _TailReader:
