@@ -224,3 +224,19 @@ def test_cast_changes_the_dtype_without_diffusers_float32_warning(tiny_model, mo
     monkeypatch.setattr(type(unet), "_keep_in_fp32_modules", ["conv_out"])
     cast(unet, torch.float16)  # such a model goes through diffusers' own to() (which may warn)
     assert unet.dtype == torch.float16 and through_diffusers == [{"dtype": torch.float16}]
+
+
+@pytest.mark.parametrize("layout", ["unet/config.json", "config.json"])
+def test_a_unet_export_given_as_lora_says_so(tmp_path, layout):
+    # `popalign export` of a full run (unet/ or a bare UNet folder) passed to --lora: diffusers would
+    # report a missing pytorch_lora_weights.bin
+    from popalign.errors import UserError
+    from popalign.models.loading import load_lora_weights
+
+    (tmp_path / layout).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / layout).write_text("{}")
+    with pytest.raises(
+        UserError,
+        match=f"^{tmp_path}: a UNet export \\(full weights\\), not LoRA weights; pass it as --unet$",
+    ):
+        load_lora_weights(None, str(tmp_path))

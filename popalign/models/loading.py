@@ -168,8 +168,11 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lo
 def load_lora_weights(pipe, source: str) -> None:
     """``pipe.load_lora_weights(source)`` for an export folder, a weights file or a hub id. A folder
     holding :data:`LORA_WEIGHT_NAME` names that file: diffusers before 0.42 refuses to guess a local
-    folder's file name in offline mode (``HF_HUB_OFFLINE=1``)."""
+    folder's file name in offline mode (``HF_HUB_OFFLINE=1``). A full UNet export (a UNet
+    ``config.json`` in it or in its ``unet/``) given here is a :class:`UserError` saying so."""
     named = os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME))
+    if not named and any(os.path.isfile(os.path.join(source, *p, "config.json")) for p in (["unet"], [])):
+        raise UserError(f"{source}: a UNet export (full weights), not LoRA weights; pass it as --unet")
     pipe.load_lora_weights(source, **({"weight_name": LORA_WEIGHT_NAME} if named else {}))
 
 
