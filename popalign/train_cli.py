@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 
 from popalign.data.datamodule import PopulationDataModule
+from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
@@ -107,8 +108,9 @@ class PopAlignCLI(LightningCLI):
             check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
 
     def before_fit(self) -> None:
-        """Refuse a fresh run into a checkpoint folder holding an earlier run's checkpoints, and
-        resuming a checkpoint *file* under Lightning's plain ``fsdp``.
+        """Check the shard paths (before the logger writes a run folder), refuse a fresh run into a
+        checkpoint folder holding an earlier run's checkpoints, and resuming a checkpoint *file*
+        under Lightning's plain ``fsdp``.
 
         The checkpoint folder is fixed (``--ckpt_path last`` must find it after a restart), so a second
         fresh run there would write ``last-v1.ckpt`` beside the first run's ``last.ckpt``, and exporting
@@ -118,6 +120,10 @@ class PopAlignCLI(LightningCLI):
         from lightning.pytorch.strategies import FSDPStrategy
 
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if isinstance(self.datamodule, PopulationDataModule):  # before the logger makes a run folder
+            for shards in (self.datamodule.train_shards, self.datamodule.val_shards):
+                if shards:
+                    expand_shards(shards)
         if not ckpt_path:
             refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
         strategy = self.trainer.strategy

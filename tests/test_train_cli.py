@@ -96,6 +96,8 @@ def test_bad_shards_path_is_one_line_error(tmp_path, monkeypatch, capsys):
         raise AssertionError("a missing shard folder must stop the run")
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train.py: error:") and "nowhere/shards" in err[-1]
+    # checked before the logger starts a run: no empty version_N folder is left behind
+    assert not (tmp_path / "runs/tiny/logs").exists()
 
 
 def _fails(capsys, args: list[str]) -> list[str]:
