@@ -37,6 +37,10 @@ class PopAlignParser(LightningArgumentParser):
             return super().error(message, ex)
         prog = getattr(ex, "subcommand_parser", None) or self
         prog = prog.prog.replace(" [options]", "")
+        required = re.search(r"arguments are required: (\w+)\.", message)
+        if required and " " not in prog:  # "fit.model" missing: the subcommand's help is the one to read
+            prog = f"{prog} {required[1]}"
+            message += " (a --config gives them, e.g. --config configs/tiny.yaml)"
         sys.stderr.write(
             f"{prog}: error: {brief_parse_error(message)}\n(`{prog} --help` lists every option)\n"
         )

@@ -185,6 +185,13 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     ):
         err = _fails(capsys, fit + args)
         assert len(err) == 2 and " fit: error: " in err[0] and message in err[0], err
+    # no config at all: what is missing, where it comes from, and the subcommand's help
+    err = _fails(capsys, ["fit", *QUIET])
+    assert len(err) == 2 and err[0].endswith(
+        " fit: error: the following arguments are required: fit.data.train_shards, fit.model "
+        "(a --config gives them, e.g. --config configs/tiny.yaml)"
+    )
+    assert err[1].endswith(" fit --help` lists every option)"), err
 
 
 def test_a_checkpoint_callback_without_dirpath_resumes_from_last(tmp_path, monkeypatch):
