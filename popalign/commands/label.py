@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--classifier-model",
         default=S,
         metavar="MODEL",
-        help="model for the classifier, passed as model= (required for clip: e.g. openai/clip-vit-large-patch14)",
+        help="model for the classifier, passed as model= (clip: default openai/clip-vit-large-patch14, as evaluate)",
     )
     parser.add_argument(
         "--classifier-option",
@@ -87,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     for flag, key in (("classifier_model", "model"), ("device", "device")):
         if hasattr(args, flag):  # optional flags are absent (SUPPRESS) unless given
             options[key] = getattr(args, flag)
-    if args.classifier == "clip" and "model" not in options:
-        raise UserError("--classifier clip needs --classifier-model (e.g. openai/clip-vit-large-patch14)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     image_shards(args.images)  # fail on a wrong folder before loading a model

@@ -19,6 +19,8 @@ import numpy as np
 from popalign.data.axes import BiasAxis
 from popalign.errors import UserError
 
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # label's and evaluate's CLIP when none is named
+
 
 def check_images(images: Any) -> np.ndarray:
     """``images`` as uint8 ``[N, H, W, 3]``; ``ValueError`` otherwise."""
@@ -87,7 +89,7 @@ class CLIPZeroShotClassifier(AttributeClassifier):
     def __init__(
         self,
         axes: Sequence[BiasAxis],
-        model: str,
+        model: str = DEFAULT_CLIP,
         device: str | None = None,
         no_person_threshold: float = 0.5,
         no_person_prompts: Sequence[str] = ("a photo with no person",),

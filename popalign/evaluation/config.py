@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 from popalign.errors import UserError
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-
 
 @dataclass
 class EvalConfig:

@@ -15,7 +15,7 @@ import numpy as np
 
 from popalign.data.axes import BiasAxis, Intersection, load_axes
 from popalign.errors import UserError, first_line
-from popalign.evaluation.config import DEFAULT_CLIP, EvalConfig
+from popalign.evaluation.config import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,10 @@ def requested_matrix(rows: Sequence[EvalPrompt], axes: Sequence[BiasAxis]) -> np
 
 
 def build_classifier(name: str, axes: Sequence[BiasAxis], model: str | None = None) -> Any:
-    """A :mod:`popalign.data.classifiers` plugin; ``model`` goes to its constructor (for ``clip`` it
-    defaults to ``openai/clip-vit-large-patch14``)."""
+    """A :mod:`popalign.data.classifiers` plugin; ``model`` goes to its constructor (``clip``'s
+    default is ``DEFAULT_CLIP``, openai/clip-vit-large-patch14)."""
     from popalign.data.classifiers import get_classifier
 
-    model = model or (DEFAULT_CLIP if name == "clip" else None)
     return get_classifier(name, axes, **({"model": model} if model else {}))
 
 
