@@ -27,6 +27,9 @@ from popalign.module import PopAlignModule
 # the frozen reference is in eval mode on purpose; shards have a length only to size epochs
 warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined")
+# validation runs only when val_shards are given; Lightning's own use of a torch API it deprecated
+warnings.filterwarnings("ignore", r"You defined a `validation_step` but have no `val_dataloader`")
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class PopAlignParser(LightningArgumentParser):
