@@ -122,6 +122,16 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def cli_fails(args: list, capsys, *needles: str) -> str:
+    """``popalign ARGS`` must fail with exit 2 and one line holding every needle; returns the line."""
+    code, _, err = run_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For test modules of tiny models (``pytestmark``): a second thread only adds contention."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli_fails as fails
 from conftest import run_cli
 
 from popalign.cli import build_parser, main
@@ -25,15 +26,6 @@ def parse_error(args: list[str], capsys) -> list[str]:
         main(args)
     assert exit_.value.code == 2
     return capsys.readouterr().err.strip().splitlines()
-
-
-def fails(args: list, capsys, *needles: str) -> str:
-    code, _, err = run_cli(args, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def contents(folder: Path) -> dict[str, bytes]:

@@ -9,21 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import GEN_FLAGS, run_cli
+from conftest import cli_fails as fails
 
 from popalign.data.axes import load_axes
 from popalign.data.images import ImageShardWriter, encode_image
 from popalign.data.prompts import expand_prompts, write_prompt_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fails(args: list, capsys, *needles: str) -> str:
-    code, _, err = run_cli(args, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
