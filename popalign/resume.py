@@ -104,7 +104,7 @@ def apply_optimizer_settings(
             if key != "lr":
                 group[key] = value
                 continue
-            group["lr"] = _number(group["lr"]) * value / was
+            group["lr"] = _number(group["lr"]) * value / was if was else value  # from 0: no ratio to keep
             if "initial_lr" in group:
                 group["initial_lr"] = value
             for scheduler in schedulers:
