@@ -26,7 +26,7 @@ from popalign import files
 from popalign.data.encode import decode_latents, require_components
 from popalign.data.images import KEY_RE, DonePrompt, ImageShardWriter, encode_image, prompt_records
 from popalign.data.prompts import PromptRow
-from popalign.errors import UserError, first_line
+from popalign.errors import UserError
 
 PIPELINE_COMPONENTS = (
     "unet",
@@ -80,7 +80,7 @@ def load_pipeline(
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from popalign.models.loading import cast, dtype_kwarg, load_lora_weights, parse_dtype
+    from popalign.models.loading import cast, dtype_kwarg, load_lora_weights, loaded, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     # the stock SDXL VAE overflows in fp16: decode in float32 unless told otherwise
@@ -92,30 +92,24 @@ def load_pipeline(
     replaced = {"vae": vae, "unet": unet}
     require_components(model, [c for c in PIPELINE_COMPONENTS if replaced.get(c) is None])
 
-    def attempt(source: str, what: str, fn: Any) -> Any:
-        try:
-            return fn()
-        except (OSError, ValueError, json.JSONDecodeError) as err:
-            raise UserError(f"{source}: cannot load the {what} ({first_line(err)})") from None
-
     parts: dict[str, Any] = {}
     if vae:
         kw = _component_path(vae, "vae")
-        parts["vae"] = attempt(
+        parts["vae"] = loaded(
             vae, "VAE", lambda: AutoencoderKL.from_pretrained(vae, **dtype_kwarg(decode_dtype), **kw)
         )
     if unet:
         kw = _component_path(unet, "unet")
-        parts["unet"] = attempt(
+        parts["unet"] = loaded(
             unet, "UNet", lambda: UNet2DConditionModel.from_pretrained(unet, **dtype_kwarg(torch_dtype), **kw)
         )
-    pipe = attempt(
+    pipe = loaded(
         model,
         "pipeline",
         lambda: StableDiffusionXLPipeline.from_pretrained(model, **dtype_kwarg(torch_dtype), **parts),
     )
     if lora:
-        attempt(lora, "LoRA weights", lambda: load_lora_weights(pipe, lora))
+        loaded(lora, "LoRA weights", lambda: load_lora_weights(pipe, lora))
     if pipe.vae.dtype != decode_dtype:
         cast(pipe.vae, decode_dtype)
     if device is not None:

@@ -83,7 +83,7 @@ def load_unet(
     from diffusers import UNet2DConditionModel
 
     _check_component(pretrained_model, subfolder)
-    return _loaded(
+    return loaded(
         pretrained_model,
         "UNet",
         lambda: UNet2DConditionModel.from_pretrained(
@@ -105,15 +105,17 @@ def load_noise_scheduler(pretrained_model: str, subfolder: str = "scheduler", re
     from diffusers import DDPMScheduler
 
     _check_component(pretrained_model, subfolder)
-    return _loaded(
+    return loaded(
         pretrained_model,
         "noise scheduler",
         lambda: DDPMScheduler.from_pretrained(pretrained_model, subfolder=subfolder, revision=revision),
     )
 
 
-def _loaded(source: str, what: str, load):
-    # a hub id that is unknown, not cached offline or private, or a folder diffusers cannot read: one line
+def loaded(source: str, what: str, load):
+    """``load()``, with the errors of a hub id that is unknown, not cached offline or private, or of a
+    folder diffusers cannot read (``OSError``, ``ValueError``, bad JSON) as one :class:`UserError` line:
+    ``SOURCE: cannot load the WHAT (reason)``."""
     try:
         return load()
     except (OSError, ValueError) as err:
