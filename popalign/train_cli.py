@@ -14,7 +14,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 
@@ -169,6 +169,7 @@ class PopAlignCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
         trainer = super().instantiate_trainer(**kwargs)
         fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
+        step_limited_progress_bar(trainer.callbacks)
         return trainer
 
 
@@ -184,6 +185,27 @@ def fixed_checkpoint_dirs(callbacks: list, logger: Logger | None) -> None:
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(folder)
+
+
+class StepLimitedRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without its ``Epoch 0/-2`` for runs limited by ``max_steps``.
+
+    A step-limited run has ``max_epochs = -1``, which the stock bar prints as ``/{max_epochs - 1}``; this
+    one says ``Epoch 0`` then, and keeps ``Epoch 0/4`` for runs limited by epochs."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            text = text.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+        return text
+
+
+def step_limited_progress_bar(callbacks: list) -> None:
+    """Make Lightning's rich progress bar (its default when ``rich`` is installed, or configured) a
+    :class:`StepLimitedRichProgressBar`, keeping its settings: the subclass adds no state."""
+    for callback in callbacks:
+        if type(callback) is RichProgressBar:
+            callback.__class__ = StepLimitedRichProgressBar
 
 
 def refuse_earlier_checkpoints(callbacks: list) -> None:

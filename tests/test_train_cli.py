@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,20 @@ def test_arguments_from_python_are_not_taken_for_a_mistake(monkeypatch, recwarn,
         cli_main(["fit", "--help"])
     assert exit_.value.code == 0 and "--trainer.max_steps" in capsys.readouterr().out
     assert not [str(w.message) for w in recwarn if "args parameter" in str(w.message)]
+
+
+def test_rich_progress_bar_of_a_step_limited_run_shows_no_negative_epoch(tmp_path, monkeypatch, capsys):
+    # Lightning's rich bar (its default when rich is installed) printed "Epoch 0/-2": max_epochs is -1
+    # when max_steps limits the run
+    pytest.importorskip("rich")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2"])
+    out = capsys.readouterr().out
+    assert cli.trainer.max_epochs == -1 and "Epoch 0 " in out and "/-2" not in out, out
+    # a run limited by epochs keeps the stock "Epoch 0/0"
+    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
+    args = ["fit", "--config", CONFIG, "--trainer.max_steps=-1", "--trainer.max_epochs=1"]
+    cli = cli_main([*args, "--trainer.limit_train_batches=1"])
+    assert cli.trainer.max_epochs == 1 and "Epoch 0/0 " in capsys.readouterr().out
