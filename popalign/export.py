@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
 import shlex
 import shutil
 import zipfile
@@ -241,25 +240,6 @@ def _write_lora(unet: nn.Module, out: Path, dtype: torch.dtype) -> None:
     )
 
 
-def _new_file_mode(folder: Path) -> int:
-    """The mode a new file in ``folder`` gets (0666 less the umask), read off one made there and removed:
-    reading the umask itself means setting it, process-wide."""
-    probe = folder / f".mode-{secrets.token_hex(4)}"
-    probe.touch()
-    try:
-        return probe.stat().st_mode & 0o777
-    finally:
-        probe.unlink()
-
-
-def _give_mode(folder: Path, mode: int) -> None:
-    """``mode`` for every file below ``folder``: safetensors writes its files 0600, which nobody else on a
-    shared machine could read, while the rest of an export gets the usual mode."""
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)
-
-
 def export_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -328,7 +308,6 @@ def export_checkpoint(
     tmp = files.sibling(out, "partial")
     tmp.mkdir()
     try:
-        mode = _new_file_mode(tmp)
         if facts.kind == "lora":
             _write_lora(unet, tmp, torch_dtype)
         else:
@@ -337,7 +316,6 @@ def export_checkpoint(
                 unet.unload_lora()
             _write_full(unet, tmp, facts.base, torch_dtype, pipeline)
         (tmp / "README.md").write_text(render_model_card(facts), encoding="utf-8")
-        _give_mode(tmp, mode)
         files.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

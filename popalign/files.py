@@ -57,8 +57,26 @@ def sibling(out: Path, tag: str) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
+def new_file_mode(folder: Path) -> int:
+    """The mode a new file in ``folder`` gets (0666 less the umask), read off one made there and removed:
+    reading the umask itself means setting it, process-wide."""
+    probe = folder / f".mode-{secrets.token_hex(4)}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Put the complete folder ``tmp`` at ``out``, removing what was there only once ``tmp`` is in place."""
+    """Put the complete folder ``tmp`` at ``out``, removing what was there only once ``tmp`` is in place.
+
+    Every file below ``tmp`` first gets the mode a new file gets there: safetensors writes its weights
+    0600, which nobody else on a shared machine could read, while everything else gets the usual mode."""
+    mode = new_file_mode(tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
     if not out.exists():
         tmp.rename(out)
         return

@@ -107,6 +107,22 @@ def world_base(tmp_path_factory) -> str:
         return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))
 
 
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which a new file is 0644: files made 0600 then show."""
+    umask = os.umask(0o022)
+    yield 0o022
+    os.umask(umask)
+
+
+def assert_usual_modes(out, umask: int) -> None:
+    """``out`` and every folder and file below it have the mode a new one gets under ``umask``: others
+    can read them."""
+    for path in [out, *out.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, f"{path}: {oct(path.stat().st_mode & 0o777)}"
+
+
 # ------------------------------------------------ the data stages: generate -> label -> build
 # test_generate, test_label, test_build and test_stage_errors share these session fixtures; tests only
 # read them (anything they change is a copy under tmp_path)

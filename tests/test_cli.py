@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_usual_modes, run_cli
 from conftest import cli_fails as fails
-from conftest import run_cli
 
 from popalign.cli import build_parser, main
 from popalign.commands.tiny import CONFIG_OUT, next_command
@@ -77,10 +77,11 @@ def built(tmp_path_factory) -> Path:
     return out
 
 
-def test_tiny_hint_trains_on_what_was_built(tmp_path, capsys, monkeypatch):
+def test_tiny_hint_trains_on_what_was_built(tmp_path, capsys, monkeypatch, umask_022):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli(["tiny", "--out", "runs/t3", *SMALL], capsys)
     assert code == 0 and (tmp_path / "runs/t3/model/model_index.json").is_file()
+    assert_usual_modes(tmp_path / "runs/t3", umask_022)  # the weights too, which safetensors writes 0600
     assert len(list((tmp_path / "runs/t3/shards").glob("*.tar"))) == 2
     assert out.splitlines()[-1] == (
         "next: python train.py fit --config configs/tiny.yaml "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_IMAGE, make_batch
+from conftest import TINY_IMAGE, assert_usual_modes, make_batch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -99,21 +99,6 @@ def _rewrite(ckpt, path, edit):
     return path
 
 
-@pytest.fixture
-def umask_022():
-    """The usual umask, under which a new file is 0644: files made 0600 then show."""
-    umask = os.umask(0o022)
-    yield 0o022
-    os.umask(umask)
-
-
-def _assert_usual_modes(out, umask: int) -> None:
-    """Every folder and file of an export has the mode a new one gets under ``umask``: others can read it."""
-    for path in [out, *out.rglob("*")]:
-        want = (0o777 if path.is_dir() else 0o666) & ~umask
-        assert path.stat().st_mode & 0o777 == want, f"{path}: {oct(path.stat().st_mode & 0o777)}"
-
-
 def _refuses(match: str, named, **kw) -> str:
     with pytest.raises(UserError, match=match) as err:
         export_checkpoint(**kw)
@@ -127,7 +112,7 @@ def test_full_pipeline_round_trip(full_run, tiny_model, base_images, tmp_path, u
     module, ckpt = full_run
     out = export_checkpoint(ckpt, tmp_path / "aligned", pipeline=True)
     assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
-    _assert_usual_modes(out, umask_022)  # the weights too, which safetensors writes 0600
+    assert_usual_modes(out, umask_022)  # the weights too, which safetensors writes 0600
     exported = _sample(_pipe(out))
     np.testing.assert_allclose(exported, _sample(_pipe(tiny_model, unet=module.policy)), atol=1e-5)
     assert np.abs(exported - base_images).max() > 1e-2
@@ -163,7 +148,7 @@ def test_lora_round_trip_with_load_lora_weights(lora_run, tiny_model, base_image
     module, ckpt = lora_run
     out = export_checkpoint(ckpt, tmp_path / "lora")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", LORA_WEIGHT_NAME]
-    _assert_usual_modes(out, umask_022)
+    assert_usual_modes(out, umask_022)
     pipe = _pipe(tiny_model)
     pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME)  # the tests run offline: docs/export.md
     exported = _sample(pipe)
@@ -313,7 +298,7 @@ def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path, u
     assert (out / "keep.txt").read_text() == "mine"
     export_checkpoint(full_run[1], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]
-    _assert_usual_modes(out, umask_022)  # readable as any folder and file the user makes
+    assert_usual_modes(out, umask_022)  # readable as any folder and file the user makes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 

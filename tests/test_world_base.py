@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_WORLD_BASE, all_threads
+from conftest import TINY_WORLD_BASE, all_threads, assert_usual_modes
 
 from popalign.cli import main as cli_main
 from popalign.errors import UserError
@@ -71,7 +71,7 @@ def test_cache_hit_returns_without_training(tiny_base, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in tiny_base.rglob("*") if p.is_file()} == before
 
 
-def test_force_and_new_config_rebuild(tiny_base, tmp_path, count_training):
+def test_force_and_new_config_rebuild(tiny_base, tmp_path, count_training, umask_022):
     out = tmp_path / "model"
     shutil.copytree(tiny_base, out)
     wb.build_base_model(out, config=TINY, progress=False)
@@ -83,6 +83,7 @@ def test_force_and_new_config_rebuild(tiny_base, tmp_path, count_training):
     assert count_training == [1, 1]
     assert wb.read_meta(out)["key"] == wb.cache_key(WorldSpec(), other)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
+    assert_usual_modes(out, umask_022)  # the weights too, which safetensors writes 0600
 
 
 def test_cache_key_covers_spec_config_and_code(monkeypatch):

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from popalign import files
 from popalign.errors import UserError
 from popalign.world import WorldAxis, WorldSpec
 from popalign.world.render import sample_dataset
@@ -361,8 +361,7 @@ def build_base_model(
     t0 = time.perf_counter()
     parts, summary = _train(spec, cfg, torch.device(device), progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = files.sibling(out, "building")
     try:
         StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True).save_pretrained(tmp)
         summary["timings"]["total_s"] = time.perf_counter() - t0
@@ -377,11 +376,7 @@ def build_base_model(
         }
         meta["files"] = file_sizes(tmp)  # checked when the folder is reused
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():  # move the old one aside first: the rename below must find no folder
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out)
+        files.replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
