@@ -246,9 +246,18 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
     """Build the CLI (and run the subcommand); a :class:`UserError` exits 2 with its one-line message,
-    also when jsonargparse wrapped it (errors raised while it instantiates the model or data)."""
+    also when jsonargparse wrapped it (errors raised while it instantiates the model or data); Ctrl-C
+    exits 130 with one line, as the ``popalign`` stages do (Lightning's graceful shutdown exits 1)."""
     try:
         return _build(args, run)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning turns a KeyboardInterrupt during fit into sys.exit(1) inside its except clause
+        if isinstance(stop, SystemExit) and not (
+            stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)
+        ):
+            raise
+        print("train.py: interrupted; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
         user_error = _user_error_in(err)
         if user_error is None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from popalign.cli import main
+from popalign.module import PopAlignModule
 from popalign.train_cli import cli_main
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -249,3 +251,24 @@ def test_rich_progress_bar_of_a_step_limited_run_shows_no_negative_epoch(tmp_pat
     args = ["fit", "--config", CONFIG, "--trainer.max_steps=-1", "--trainer.max_epochs=1"]
     cli = cli_main([*args, "--trainer.limit_train_batches=1"])
     assert cli.trainer.max_epochs == 1 and "Epoch 0/0 " in capsys.readouterr().out
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    # Lightning shuts down gracefully and calls sys.exit(1); the popalign stages exit 130 on Ctrl-C
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopAlignModule, "training_step", interrupted)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from then on
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2", *QUIET])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
