@@ -9,6 +9,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch>=2.6
+# pytest-xdist workers; an idle one takes queued tests from a busy one (worksteal), and the tests that
+# use the world's base model share one build
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.popalign-installed
 VENV_MIN ?= .venv-min
@@ -36,13 +39,13 @@ demo: $(STAMP)
 	$(VENV)/bin/popalign demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 test-min: $(VENV_MIN)/.popalign-installed
-	$(VENV_MIN)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(VENV_MIN)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

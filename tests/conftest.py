@@ -23,7 +23,8 @@ from popalign.data.prompts import expand_prompts, write_prompt_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ALL_THREADS = torch.get_num_threads()
+# the cores of this worker's share (`make test` runs two pytest-xdist workers)
+ALL_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(1)  # tiny models: threading costs more than it gives, on a shared 2-core box
 
 
@@ -39,8 +40,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def all_threads():
-    """torch's default thread count for the world's base model (about 1 M parameters, batches of
-    64): the one place threads pay, and the slow tests run one at a time."""
+    """This worker's share of torch's default thread count, for the world's base model (about 1 M
+    parameters, batches of 64) and the demo: the one place threads pay."""
     return torch_threads(ALL_THREADS)
 
 
@@ -100,11 +101,19 @@ def batch_factory():
 
 @pytest.fixture(scope="session")
 def world_base(tmp_path_factory) -> str:
-    """The synthetic world's default biased base model, built once per session (minutes)."""
+    """The synthetic world's default biased base model, built once per run (minutes).
+
+    pytest-xdist workers share it: the first to ask builds it under a file lock in the run's common
+    temporary folder, and ``build_base_model`` finds it cached for the others."""
+    from filelock import FileLock
+
     from popalign.world.base import build_base_model
 
-    with all_threads():
-        return str(build_base_model(tmp_path_factory.mktemp("world") / "base", progress=False))
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker has its own basetemp below the run's
+        root = root.parent
+    with FileLock(str(root / "world_base.lock")), all_threads():
+        return str(build_base_model(root / "world_base", progress=False))
 
 
 @pytest.fixture
