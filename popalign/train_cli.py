@@ -169,7 +169,7 @@ class PopAlignCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
         trainer = super().instantiate_trainer(**kwargs)
         fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
-        step_limited_progress_bar(trainer.callbacks)
+        tidy_rich_progress_bar(trainer.callbacks)
         return trainer
 
 
@@ -187,11 +187,12 @@ def fixed_checkpoint_dirs(callbacks: list, logger: Logger | None) -> None:
             callback.dirpath = str(folder)
 
 
-class StepLimitedRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without its ``Epoch 0/-2`` for runs limited by ``max_steps``.
+class TidyRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with two display fixes.
 
-    A step-limited run has ``max_epochs = -1``, which the stock bar prints as ``/{max_epochs - 1}``; this
-    one says ``Epoch 0`` then, and keeps ``Epoch 0/4`` for runs limited by epochs."""
+    - a run limited by ``max_steps`` has ``max_epochs = -1``, which the stock bar prints as
+      ``Epoch 0/-2``; this one says ``Epoch 0`` (runs limited by epochs keep ``Epoch 0/4``);
+    - the logger's version is shown as ``v_num: 0``, not as the metric ``v_num: 0.000``."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         text = super()._get_train_description(current_epoch)
@@ -199,13 +200,19 @@ class StepLimitedRichProgressBar(RichProgressBar):
             text = text.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
         return text
 
+    def get_metrics(self, trainer, pl_module) -> dict:  # noqa: ANN001 - Lightning's signature
+        items = super().get_metrics(trainer, pl_module)
+        if "v_num" in items:
+            items["v_num"] = str(items["v_num"])
+        return items
 
-def step_limited_progress_bar(callbacks: list) -> None:
+
+def tidy_rich_progress_bar(callbacks: list) -> None:
     """Make Lightning's rich progress bar (its default when ``rich`` is installed, or configured) a
-    :class:`StepLimitedRichProgressBar`, keeping its settings: the subclass adds no state."""
+    :class:`TidyRichProgressBar`, keeping its settings: the subclass adds no state."""
     for callback in callbacks:
         if type(callback) is RichProgressBar:
-            callback.__class__ = StepLimitedRichProgressBar
+            callback.__class__ = TidyRichProgressBar
 
 
 def refuse_earlier_checkpoints(callbacks: list) -> None:
