@@ -9,8 +9,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch>=2.6
-# pytest-xdist workers; an idle one takes queued tests from a busy one (worksteal), and the tests that
-# use the world's base model share one build
+# pytest-xdist workers (0: every test in this one process); an idle one takes queued tests from a busy
+# one (worksteal), and the tests that use the world's base model share one build
 TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.popalign-installed
