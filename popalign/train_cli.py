@@ -8,6 +8,7 @@ Configs are parsed in omegaconf mode, so values may interpolate (``${data.init_a
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import sys
 import warnings
@@ -30,6 +31,14 @@ warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined
 # validation runs only when val_shards are given; Lightning's own use of a torch API it deprecated
 warnings.filterwarnings("ignore", r"You defined a `validation_step` but have no `val_dataloader`")
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    # Lightning's "💡 Tip: ... try installing litlogger" on every run: a product suggestion, not news
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
 
 
 class PopAlignParser(LightningArgumentParser):

@@ -236,15 +236,21 @@ def test_arguments_from_python_are_not_taken_for_a_mistake(monkeypatch, recwarn,
     assert not [str(w.message) for w in recwarn if "args parameter" in str(w.message)]
 
 
-def test_rich_progress_bar_shows_no_negative_epoch_and_an_integer_version(tmp_path, monkeypatch, capsys):
+def test_rich_progress_bar_shows_no_negative_epoch_and_an_integer_version(
+    tmp_path, monkeypatch, capsys, caplog
+):
     # Lightning's rich bar (its default when rich is installed) printed "Epoch 0/-2" (max_epochs is -1
     # when max_steps limits the run) and "v_num: 0.000"
     pytest.importorskip("rich")
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
     capsys.readouterr()
-    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2"])
+    with caplog.at_level(logging.INFO):
+        cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2"])
     out = capsys.readouterr().out
+    # Lightning's own lines still show, its litlogger advert does not
+    said = [r.getMessage() for r in caplog.records]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in said and not [m for m in said if "Tip:" in m]
     assert cli.trainer.max_epochs == -1 and "Epoch 0 " in out and "/-2" not in out, out
     assert "v_num: 0 " in out, out  # the version, not a metric "0.000"
     # a run limited by epochs keeps the stock "Epoch 0/0"
