@@ -259,3 +259,37 @@ def test_fit_with_lightning(tmp_path, with_val):
     assert dm.train_stream.epoch == 1  # the trainer's epoch reached the stream
     # validation: one pass over its 2 groups per epoch, in stored order
     assert model.val_keys == (["p0000-g0000", "p0001-g0000"] * 2 if with_val else [])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("per_epoch", [None, 7], ids=["one_pass", "resampled"])
+def test_a_loader_resumed_mid_epoch_continues_the_pass(tmp_path, workers, per_epoch):
+    # the state Lightning keeps in a checkpoint after k batches; a new loader given it (a resumed
+    # run) yields the rest of that epoch's pass, batch for batch, and later epochs as before. One
+    # pass over 3 shards (4 + 4 + 3 groups) gives 2 workers 4 and 2 batches: after batch 5 only one
+    # worker is left, and a resume there must carry on with it
+    write_shards(tmp_path, 11, maxcount=4)
+
+    def loader():
+        dm = PopulationDataModule(
+            str(tmp_path), groups_per_batch=2, pairs_per_group=2, num_workers=workers,
+            batches_per_epoch=per_epoch, seed=3,
+        )  # fmt: skip
+        return dm.train_dataloader()
+
+    def seen(batches) -> list:
+        return [(b["keys"], b["latents"].tolist()) for b in batches]
+
+    straight = loader()
+    epochs = [seen(straight) for _ in range(2)]
+    assert len(epochs[0]) == (6 if per_epoch is None else 7) and "worker" not in next(iter(straight))
+    for k in (3, 5):
+        first = loader()
+        passing = iter(first)
+        head = seen(next(passing) for _ in range(k))
+        state = first.state_dict()
+        assert state["epoch"] == 0 and sum(state["trained_per_worker"]) == k
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert head + seen(resumed) == epochs[0], k
+        assert seen(resumed) == epochs[1]  # the next pass is epoch 1, whole

@@ -279,3 +279,30 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
+
+
+def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_would(
+    tmp_path, monkeypatch, recwarn
+):
+    # configs/tiny.yaml: epochs of 5 batches, a checkpoint every 2 steps; two data workers, so each
+    # worker's share of the trained batches is skipped on resume (it restarted the epoch: the
+    # resumed run trained on batches 1-3 again, and Lightning warned the loader was not resumable)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
+    trained: list[list[str]] = []
+    step = PopAlignModule.training_step
+
+    def recording(self, batch, batch_idx):
+        trained.append(list(batch["keys"]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    fit = ["fit", "--config", CONFIG, "--data.num_workers=2", *QUIET]
+    cli_main([*fit, "--trainer.max_steps=7"])
+    straight, trained[:] = list(trained), []
+    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
+    cli_main([*fit, "--trainer.max_steps=2"])
+    cli_main([*fit, "--trainer.max_steps=7", "--ckpt_path=last"])
+    assert len(straight) == 7 and len(set(map(tuple, straight[:5]))) > 1
+    assert trained == straight  # steps 1-2, then 3-5 (the rest of epoch 0) and 6-7 (epoch 1)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -3,6 +3,7 @@
 Each step takes ``groups_per_batch`` groups; from each, ``pairs_per_group`` preferred members and,
 independently, as many dispreferred members are drawn without replacement. Shards are split over
 ranks, then over DataLoader workers; everything random is seeded from (seed, rank, worker, epoch).
+A run resumed mid-epoch continues the epoch's batches where its checkpoint left them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from popalign.data.shards import BadSampleCounter, expand_shards, read_groups, s
 from popalign.errors import UserError
 
 log = logging.getLogger(__name__)
+WORKER_KEY = "worker"  # each batch's maker, from the stream to the loader
 
 
 def collate_groups(
@@ -77,7 +79,8 @@ class PopulationStream(IterableDataset):
 
     With ``batches_per_epoch`` None it is one pass over this rank's shards; otherwise shards are
     drawn with replacement without end and each epoch stops after ``batches_per_epoch`` batches
-    (shared out over the workers), so every rank takes the same number of steps.
+    (shared out over the workers), so every rank takes the same number of steps. Each batch carries
+    the index of the worker that made it under :data:`WORKER_KEY` (the loader takes it off).
     """
 
     def __init__(
@@ -100,10 +103,14 @@ class PopulationStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.latent_shape, self.max_bad_fraction = latent_shape, max_bad_fraction
         self.batches_per_epoch, self.rank, self.world_size = batches_per_epoch, rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip, self.rotation = 0, (), 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: Sequence[int] = (), rotation: int = 0) -> None:
+        """The next pass is epoch ``epoch`` less the first ``skip[w]`` batches of worker ``w`` (read,
+        drawn and dropped, so the batches after them are the ones a whole pass gives). DataLoader
+        worker ``i`` makes worker ``(i + rotation) % num_workers``'s batches: the loader asks its
+        workers in turn from worker 0, so a pass resumed mid-round starts with the right one."""
+        self.epoch, self.skip, self.rotation = epoch, tuple(skip), rotation
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -111,10 +118,10 @@ class PopulationStream(IterableDataset):
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from webdataset import split_by_worker
         from webdataset.utils import pytorch_worker_info
 
-        _, _, worker, num_workers = pytorch_worker_info()
+        _, _, loader_worker, num_workers = pytorch_worker_info()
+        worker = (loader_worker + self.rotation) % num_workers
         seq = np.random.SeedSequence([self.seed, self.rank, worker, self.epoch])
         shard_rng, shuffle_rng, pair_rng = (np.random.default_rng(s) for s in seq.spawn(3))
         counter = BadSampleCounter(self.max_bad_fraction)
@@ -122,17 +129,20 @@ class PopulationStream(IterableDataset):
             urls = list(self.urls)
             if self.shuffle:  # one order for all ranks and workers, so the splits partition it
                 np.random.default_rng([self.seed, self.epoch]).shuffle(urls)
-            shards = split_by_worker(split_by_node(urls, self.rank, self.world_size))
+            shards = islice(split_by_node(urls, self.rank, self.world_size), worker, None, num_workers)
         else:
             shards = self._resampled(shard_rng, counter)
         groups = read_groups(shards, counter, self.latent_shape, self.pairs_per_group)
         if self.shuffle and self.shuffle_buffer > 1:
             groups = _shuffled(groups, self.shuffle_buffer, shuffle_rng)
         batches = _batched(groups, self.groups_per_batch, self.pairs_per_group, pair_rng)
+        quota = None
         if self.batches_per_epoch is not None:
             quota = self.batches_per_epoch // num_workers + int(worker < self.batches_per_epoch % num_workers)
-            batches = islice(batches, quota)
-        yield from batches
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        for batch in islice(batches, skip, quota):
+            batch[WORKER_KEY] = worker
+            yield batch
 
     def _resampled(self, rng: np.random.Generator, counter: BadSampleCounter) -> Iterator[str]:
         # stop an endless loop over shards that hold no samples at all
@@ -172,17 +182,71 @@ def _batched(
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that tells its stream the epoch before each pass (the trainer's, if known)."""
+    """A DataLoader that tells its stream the epoch before each pass (the trainer's, if known) and
+    continues a pass where a checkpoint left it.
 
-    def __init__(self, dataset: PopulationStream, epoch_fn: Callable[[], int | None], **kwargs: Any) -> None:
+    Lightning keeps :meth:`state_dict` in checkpoints and hands it to :meth:`load_state_dict` on
+    resume: the epoch, and how many of the batches trained on (``trained_fn``: the trainer's count
+    this epoch; the loader runs ahead of training by Lightning's prefetch) each worker made. The
+    resumed pass of that epoch skips those, so training continues with the batches an uninterrupted
+    run would have trained on, not with the epoch's first ones again.
+    """
+
+    def __init__(
+        self,
+        dataset: PopulationStream,
+        epoch_fn: Callable[[], int | None],
+        trained_fn: Callable[[], int | None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn, self._passes = epoch_fn, 0
+        self._epoch_fn, self._trained_fn, self._passes = epoch_fn, trained_fn, 0
+        self._epoch, self._skipped, self._made_by = 0, [0] * self._workers, []  # this pass
+        self._resume: dict | None = None
 
-    def __iter__(self) -> Any:
+    @property
+    def _workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self._epoch_fn()
-        self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._epoch = self._passes if epoch is None else epoch
         self._passes += 1
-        return super().__iter__()
+        self._skipped, first = self._resume_point()
+        self._made_by = []
+        self.dataset.set_epoch(self._epoch, self._skipped, first)
+        return self._untagged(super().__iter__())
+
+    def _untagged(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            self._made_by.append(batch.pop(WORKER_KEY))
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        trained = self._trained_fn() if self._trained_fn is not None else None
+        made = len(self._made_by) if trained is None else max(0, trained - sum(self._skipped))
+        counts = np.bincount(self._made_by[:made], minlength=self._workers) + self._skipped
+        # the worker whose batch comes next (known when the loader ran ahead), else the round's turn
+        following = self._made_by[made] if made < len(self._made_by) else int(counts.sum()) % self._workers
+        return {"epoch": self._epoch, "trained_per_worker": counts.tolist(), "next_worker": following}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+
+    def _resume_point(self) -> tuple[list[int], int]:
+        # (batches each worker skips, the worker that starts) for this pass
+        state, self._resume = self._resume, None
+        if not state or state.get("epoch") != self._epoch:
+            return [0] * self._workers, 0
+        counts, n = [int(c) for c in state["trained_per_worker"]], self._workers
+        if len(counts) == n:
+            return counts, int(state["next_worker"]) % n
+        total = sum(counts)  # num_workers changed: batches went round-robin over the workers
+        log.warning(
+            "resumed with %d data workers instead of %d: the epoch continues after about %d batches",
+            n, len(counts), total,
+        )  # fmt: skip
+        return [total // n + int(w < total % n) for w in range(n)], total % n
 
 
 def distributed_info(trainer: Any = None) -> tuple[int, int]:
@@ -302,7 +366,7 @@ class PopulationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
             self.setup("fit")
-        return self._loader(self.train_stream)
+        return self._loader(self.train_stream, trained_fn=self._trained_this_epoch)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_stream is None:
@@ -310,14 +374,24 @@ class PopulationDataModule(L.LightningDataModule):
         return self._loader(self.val_stream, lambda: 0)  # epoch 0 always: the same pairs each pass
 
     def _loader(
-        self, stream: PopulationStream | None, epoch_fn: Callable[[], int | None] | None = None
+        self,
+        stream: PopulationStream | None,
+        epoch_fn: Callable[[], int | None] | None = None,
+        trained_fn: Callable[[], int | None] | None = None,
     ) -> DataLoader:
         return _EpochLoader(
             stream,
             epoch_fn or self._trainer_epoch,
+            trained_fn,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else int(self.trainer.current_epoch)
+
+    def _trained_this_epoch(self) -> int | None:
+        # batches whose training step ran this epoch (Lightning's progress, restored on resume)
+        if self.trainer is None:
+            return None
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
