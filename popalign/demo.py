@@ -355,22 +355,16 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
 def _fit(args: list[str]) -> None:
     """``train.py ARGS`` in this process. Lightning answers Ctrl-C with ``sys.exit(1)`` (and ignores
-    SIGINT from then on); here that becomes a ``KeyboardInterrupt`` again, and a user error of the
-    config a :class:`UserError`, so the demo reports either in one line."""
-    from popalign.train_cli import _build, _user_error_in
-
-    interrupted: list[int] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupted.append(signum)
-        raise KeyboardInterrupt
+    SIGINT from then on); here that becomes a ``KeyboardInterrupt`` again, with SIGINT's handler put
+    back, and a user error of the config a :class:`UserError`, so the demo reports either in one line."""
+    from popalign.train_cli import _build, _user_error_in, lightning_interrupt
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    previous = signal.getsignal(signal.SIGINT)
     try:
         _build(args, True)
     except SystemExit as err:
-        if interrupted:
+        if lightning_interrupt(err):
             raise KeyboardInterrupt from None
         if err.code:
             raise UserError(f"train.py {' '.join(args)}: exited with status {err.code}") from None

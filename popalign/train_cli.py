@@ -267,10 +267,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
     try:
         return _build(args, run)
     except (KeyboardInterrupt, SystemExit) as stop:
-        # Lightning turns a KeyboardInterrupt during fit into sys.exit(1) inside its except clause
-        if isinstance(stop, SystemExit) and not (
-            stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)
-        ):
+        if isinstance(stop, SystemExit) and not lightning_interrupt(stop):
             raise
         print("train.py: interrupted; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
         raise SystemExit(130) from None
@@ -280,6 +277,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
             raise
         print(f"train.py: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def lightning_interrupt(stop: SystemExit) -> bool:
+    """Whether ``stop`` is Lightning's answer to Ctrl-C during fit: after its graceful shutdown it calls
+    ``sys.exit(1)`` inside its ``except KeyboardInterrupt`` clause (and ignores SIGINT from then on)."""
+    return stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:
