@@ -7,6 +7,8 @@ cannot change, and fills in what checkpoints leave out:
 - :func:`check_resumable`: another base model (fingerprint of its weights and architecture) or other
   LoRA settings (full <-> LoRA, rank, alpha, target modules) are refused in one line; other changed
   hyperparameters (``ema_decay``, the objective's, ...) are logged and take effect.
+  :func:`check_before_fit` runs the same refusal on the checkpoint file before the run starts, so
+  a refused resume leaves no run folder behind.
 - :func:`apply_optimizer_settings`: a resume restores the checkpoint's optimizer state, hyperparameters
   included; the config's learning rate, weight decay, betas, eps and momentum are put back where they
   differ (a new learning rate rescales the schedule at its current step) and logged.
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +44,12 @@ def _plain(value: Any) -> Any:  # YAML gives lists where the signature says tupl
 
 
 def check_resumable(
-    checkpoint: Mapping[str, Any], source: str, hparams: Mapping[str, Any], fingerprint: str, lora: bool
+    checkpoint: Mapping[str, Any],
+    source: str,
+    hparams: Mapping[str, Any],
+    fingerprint: str,
+    lora: bool,
+    log_changes: bool = True,
 ) -> None:
     """Refuse a checkpoint this run cannot continue; log the settings that changed since it was saved.
 
@@ -49,6 +59,8 @@ def check_resumable(
         hparams: this run's hyperparameters.
         fingerprint: this run's base-model fingerprint.
         lora: whether this run trains LoRA adapters (then alpha and target modules are fixed too).
+        log_changes: log the changed settings (off for the early check before the run starts, so that
+            the resume itself logs them once).
     """
     saved = checkpoint.get("hyper_parameters") or {}
     was_base = checkpoint.get(FINGERPRINT_KEY)
@@ -70,8 +82,40 @@ def check_resumable(
                 f"cannot change it (pass --model.init_args.{key} {value})"
             )
     notes = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changed.items() if k not in FIXED]
-    if notes:
+    if notes and log_changes:
         log.warning("resuming %s with changed settings: %s", source, "; ".join(notes))
+
+
+def last_checkpoint(folders: list[str]) -> Path | None:
+    """The file ``--ckpt_path last`` resumes, as Lightning picks it: the newest ``last.ckpt`` or
+    ``last-vN.ckpt`` in the ``ModelCheckpoint`` folders (None when there is none)."""
+    found = [
+        p
+        for folder in folders
+        if Path(folder).is_dir()
+        for p in Path(folder).iterdir()
+        if p.suffix == ".ckpt" and re.match(r"last(-v\d+)?$", p.stem)
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_before_fit(
+    ckpt_path: str, folders: list[str], hparams: Mapping[str, Any], fingerprint: str, lora: bool
+) -> None:
+    """:func:`check_resumable` on a local checkpoint file before the run starts (no logger folder, no
+    strategy set-up yet), read through a memory map with ``weights_only``: the resume repeats it.
+
+    ``ckpt_path`` is ``--ckpt_path`` (``last`` is looked up in ``folders``); sharded checkpoint folders,
+    remote paths and files that ``weights_only`` cannot read are left to the check at load time.
+    """
+    path = last_checkpoint(folders) if ckpt_path == "last" else Path(ckpt_path)
+    if path is None or not path.is_file():
+        return
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):  # other objects in it: Lightning loads it its way
+        return
+    check_resumable(checkpoint, str(path), hparams, fingerprint, lora, log_changes=False)
 
 
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

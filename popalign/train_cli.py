@@ -24,6 +24,7 @@ from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
+from popalign.resume import check_before_fit
 
 # the frozen reference is in eval mode on purpose; shards have a length only to size epochs
 warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
@@ -125,8 +126,9 @@ class PopAlignCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Check the shard paths (before the logger writes a run folder), refuse a fresh run into a
-        checkpoint folder holding an earlier run's checkpoints, and resuming a checkpoint *file*
-        under Lightning's plain ``fsdp``.
+        checkpoint folder holding an earlier run's checkpoints, a resume the run cannot continue
+        (another base model, other LoRA settings: :func:`popalign.resume.check_before_fit`, also before
+        the run folder), and resuming a checkpoint *file* under Lightning's plain ``fsdp``.
 
         The checkpoint folder is fixed (``--ckpt_path last`` must find it after a restart), so a second
         fresh run there would write ``last-v1.ckpt`` beside the first run's ``last.ckpt``, and exporting
@@ -142,6 +144,10 @@ class PopAlignCLI(LightningCLI):
                     expand_shards(shards)
         if not ckpt_path:
             refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
+        elif isinstance(self.model, PopAlignModule):  # another base, LoRA settings: before the run folder
+            model = self.model
+            folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            check_before_fit(str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora)
         strategy = self.trainer.strategy
         if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
             return

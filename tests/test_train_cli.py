@@ -138,6 +138,7 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
     cli = cli_main([*resume, "--trainer.max_steps=4", "--model.init_args.pretrained_model=moved"])
     assert cli.trainer.global_step == 4
 
+    runs = sorted(p.name for p in (tmp_path / "runs/tiny/logs").rglob("version_*"))
     err = _fails(
         capsys, [*resume, "--model.init_args.pretrained_model=moved", "--model.init_args.lora_rank=4"]
     )
@@ -145,6 +146,25 @@ def test_resume_runs_the_config_given_and_refuses_what_cannot_change(tmp_path, m
     assert err[-1].endswith("(pass --model.init_args.lora_rank null)")
     err = _fails(capsys, [*resume, "--model.init_args.pretrained_model=runs/other/model"])
     assert "trained from another base model than runs/other/model" in err[-1]
+    # refused before the logger starts: no run folder holding only a config and an empty event file
+    assert sorted(p.name for p in (tmp_path / "runs/tiny/logs").rglob("version_*")) == runs
+    # a checkpoint file named directly is checked the same way
+    err = _fails(
+        capsys,
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            *QUIET,
+            "--ckpt_path=runs/tiny/checkpoints/last.ckpt",
+            "--model.init_args.pretrained_model=runs/other/model",
+        ],
+    )
+    assert err[-1] == (
+        "train.py: error: runs/tiny/checkpoints/last.ckpt: trained from another base model than "
+        "runs/other/model (weights or architecture differ); resume with the run's own base"
+    ), err
+    assert sorted(p.name for p in (tmp_path / "runs/tiny/logs").rglob("version_*")) == runs
 
 
 def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
