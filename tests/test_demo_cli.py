@@ -152,11 +152,16 @@ def test_interrupted_training_is_a_keyboard_interrupt(monkeypatch):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.exit(1)
 
-    before = signal.getsignal(signal.SIGINT)
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored: install
+    # Python's usual handler, so that the signal below is the Ctrl-C of a terminal
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(train_cli, "_build", lightning_fit)
-    with pytest.raises(KeyboardInterrupt):
-        demo._fit(["fit"])
-    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C works again afterwards
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo._fit(["fit"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
     def config_error(args, run):
         raise ValueError("while instantiating") from UserError("model: lora_rank must be >= 1")

@@ -169,7 +169,8 @@ def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # linear warm-up, then cosine decay to zero
+    # linear warm-up, then cosine decay to zero: popalign.optim.CosineWithWarmup's curve, rounded in
+    # another order (1 ulp apart at some steps), kept so the cached base and docs/results.md stay bitwise
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
