@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import zipfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from popalign import files
@@ -62,6 +64,17 @@ def load_training_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):
         raise UserError(
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this is not one)"
+        )
+    try:
+        # torch.load never checks the archive's CRCs: a checkpoint damaged by a copy or a disk would
+        # export wrong weights without a word (reads the whole file once, at disk speed)
+        damaged = zipfile.ZipFile(path).testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(err)})") from err
+    if damaged is not None:
+        raise UserError(
+            f"{path}: damaged: its member {damaged} fails the archive's CRC check (a broken copy or disk); "
+            "export another checkpoint or copy this one again"
         )
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
@@ -125,28 +138,14 @@ def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
         ) from err
 
 
-def _damaged_entry(path: Path) -> str | None:
-    """The first archive entry whose CRC-32 does not match its bytes, if any (reads the whole file)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (OSError, zipfile.BadZipFile):
-        return None
-
-
 def _check_finite(weights: dict[str, torch.Tensor], ckpt_path: Path) -> None:
-    """:class:`UserError` for a weight holding NaN/inf: a damaged file (named by the entry whose CRC fails)
-    or a run that diverged. ``torch.load`` does not check CRCs, so damage shows up here first."""
+    """:class:`UserError` for a weight holding NaN/inf: the run diverged (the archive passed its CRC
+    check in :func:`load_training_checkpoint`, so the file holds what training saved)."""
     for name, tensor in weights.items():
         finite = torch.isfinite(tensor) if tensor.is_floating_point() else None
         if finite is None or bool(finite.all()):
             continue
         bad = int(finite.numel() - finite.sum())
-        damaged = _damaged_entry(ckpt_path)
-        if damaged is not None:
-            raise UserError(
-                f"{ckpt_path}: corrupted (CRC mismatch in {damaged}); {name} reads as {bad} NaN/inf values"
-            )
         raise UserError(
             f"{ckpt_path}: {name} holds {bad} NaN/inf values (the run diverged); export an earlier checkpoint"
         )
@@ -273,7 +272,7 @@ def export_checkpoint(
     """
     ckpt_path, out = Path(ckpt), Path(out)
     torch_dtype = parse_dtype(dtype)
-    files.check_out(out, overwrite)
+    check_export_out(out, overwrite)
     # read every input before the slow part, so a bad file fails fast
     checkpoint = load_training_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
@@ -302,6 +301,9 @@ def export_checkpoint(
         data_hparams=checkpoint.get("datamodule_hyper_parameters"),
         metrics=read_mapping(metrics) if metrics is not None else None,
     )
+    for path in (ckpt_path, facts.base, config_path, data_summary, metrics):  # --overwrite removes out
+        if path is not None and os.path.exists(path) and Path(path).resolve().is_relative_to(out.resolve()):
+            raise UserError(f"{out}: holds {path}, which this export reads; choose another --out")
     unet = rebuild_policy(checkpoint, ckpt_path, facts.base, ema=ema)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +325,34 @@ def export_checkpoint(
     if push_to_hub:
         push_folder_to_hub(out, push_to_hub, private=private)
     return out
+
+
+def is_export_output(folder: Path) -> bool:
+    """Whether ``folder`` holds what ``export`` writes: a ``README.md`` model card whose front matter is
+    tagged ``popalign`` (the only non-empty folders ``--overwrite`` replaces)."""
+    try:
+        card = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    front = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    try:
+        meta = yaml.safe_load(front[1]) if front else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and "popalign" in (meta.get("tags") or [])
+
+
+def check_export_out(out: Path, overwrite: bool) -> None:
+    """``out`` may be absent, empty, or with ``overwrite`` an earlier export; a file or a folder of
+    anything else (a training run, a base model) is never replaced."""
+    if out.is_dir() and any(out.iterdir()) and not is_export_output(out):  # advice that would fail: none
+        raise UserError(
+            f"{out}: does not look like an export (no README.md model card of popalign export); "
+            "--overwrite replaces only those: choose another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    files.check_out(out, overwrite)
 
 
 def push_folder_to_hub(folder: str | Path, repo: str, private: bool = False) -> Any:

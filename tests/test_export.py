@@ -291,15 +291,32 @@ def test_lora_onto_a_different_base(lora_run, tiny_model, other_bases, tmp_path)
 def test_conflicting_options_and_existing_output(full_run, lora_run, tmp_path, umask_022):
     _refuses("--merge applies to LoRA", full_run[1], ckpt=full_run[1], out=tmp_path / "x", merge=True)
     _refuses("only with --merge", lora_run[1], ckpt=lora_run[1], out=tmp_path / "x", pipeline=True)
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    _refuses("already exists", out, ckpt=full_run[1], out=out)
-    assert (out / "keep.txt").read_text() == "mine"
+    # a folder that is not an earlier export is never replaced, --overwrite or not: the training run
+    # holding the checkpoint (it was deleted with it), a base model, anyone's files; nor is a file
+    taken, run, file = tmp_path / "taken", full_run[1].parents[1], tmp_path / "notes.txt"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    file.write_text("mine")
+    for out in (taken, run, file):
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        for overwrite in (False, True):
+            _refuses("does not look like an export|is not a folder", out, ckpt=full_run[1], out=out,
+                     overwrite=overwrite)  # fmt: skip
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (taken / "keep.txt").read_text() == "mine" and file.read_text() == "mine"
+
+    out = export_checkpoint(full_run[1], tmp_path / "export")
+    _refuses("already exists; pass --overwrite", out, ckpt=full_run[1], out=out)
+    (out / "old.txt").write_text("from the earlier export")
     export_checkpoint(full_run[1], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "unet"]
     assert_usual_modes(out, umask_022)  # readable as any folder and file the user makes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+    # an earlier export holding an input of this one (here the checkpoint) is not replaced either
+    inside = out / "last.ckpt"
+    shutil.copy(full_run[1], inside)
+    _refuses("holds .*last.ckpt, which this export reads", out, ckpt=inside, out=out, overwrite=True)
+    assert inside.is_file()
 
 
 def test_out_below_a_file_is_one_line(full_run, tmp_path, capsys):
@@ -328,8 +345,9 @@ def test_missing_or_unexpected_weights_are_refused(full_run, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def _damage_every_tensor(src, dst):
-    """A copy of ``src`` whose stored tensor bytes are all 0xff (NaN as floats); the zip's CRCs stay."""
+def _damage_every_tensor(src, dst, fill: bytes = b"\xff"):
+    """A copy of ``src`` whose stored tensor bytes are all ``fill`` (0xff: NaN as floats; 0x00: zeros,
+    finite); the zip's CRCs stay."""
     shutil.copy(src, dst)
     with zipfile.ZipFile(dst) as archive:
         entries = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size]
@@ -338,16 +356,19 @@ def _damage_every_tensor(src, dst):
             f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
             name_len, extra_len = struct.unpack("<HH", f.read(4))
             f.seek(info.header_offset + 30 + name_len + extra_len)
-            f.write(b"\xff" * info.file_size)
+            f.write(fill * info.file_size)
     return dst
 
 
 def test_damaged_or_diverged_weights_are_not_exported(full_run, tmp_path):
     out = tmp_path / "out"
-    damaged = _damage_every_tensor(full_run[1], tmp_path / "damaged.ckpt")
-    _refuses(
-        r"corrupted \(CRC mismatch in \S+/data/\S+\); \S+ reads as \d+ NaN", damaged, ckpt=damaged, out=out
-    )
+    # damage reading as NaN, and damage reading as finite numbers (wrong weights, exported silently
+    # before the CRCs were checked)
+    for fill in (b"\xff", b"\x00"):
+        damaged = _damage_every_tensor(full_run[1], tmp_path / "damaged.ckpt", fill)
+        _refuses(
+            r"damaged: its member \S+/data/\S+ fails the archive's CRC check", damaged, ckpt=damaged, out=out
+        )
 
     def diverge(state):  # NaN saved as such: the archive is intact
         state["state_dict"]["policy.conv_in.weight"][0] = float("nan")

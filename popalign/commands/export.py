@@ -58,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics", default=S, help="metrics.json (any nested dict of numbers), tabulated in the card"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds an earlier export (never other folders)",
+    )
     parser.add_argument(
         "--push-to-hub", metavar="REPO", default=S, help="then upload the folder to this Hugging Face repo"
     )
