@@ -44,7 +44,10 @@ class ShoutingAxis(BiasAxis):
 
 def write_yaml(tmp_path: Path, data, name: str = "axis.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     return path
 
 
@@ -105,6 +108,12 @@ BAD_AXES = {
     "class_path not an axis": (_with(class_path="pathlib:Path"), "not a subclass"),
     "not a mapping": ("- just\n- a list\n", "must be a YAML mapping"),
     "broken YAML": ("name: [unclosed\n", "invalid YAML"),
+    "not UTF-8": (b"\xd7\x00\xff binary", "not a text file"),
+    "classifier_prompts a number": (
+        _with(classes=[{"name": "a", "classifier_prompts": 3}, {"name": "b"}], target=None),
+        "'classifier_prompts' must be a list of strings",
+    ),
+    "placeholder a number": (_with(placeholder=5), "'placeholder' must be a name"),
 }
 
 
@@ -372,6 +381,19 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, problem):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("popalign prompts: error:") and problem in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("doctor\n")
+    for out, problem in (
+        (jobs, f"{jobs}: is the --prompts file itself"),  # the input would be replaced by the table
+        (jobs / "t.jsonl", f"{jobs / 't.jsonl'}: {jobs} is a file, not a folder"),
+    ):
+        assert main(["prompts", "--prompts", str(jobs), "--axes", "gender", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("popalign prompts: error:") and problem in err, err
+    assert jobs.read_text() == "doctor\n" and sorted(p.name for p in tmp_path.iterdir()) == ["jobs.txt"]
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from popalign.data.axes import Intersection, load_axes, shipped_axes
     from popalign.data.prompts import (
         EVAL_ONLY,
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no axes: pass --axes (e.g. --axes gender race) or --axes-file")
     axes = load_axes(axis_items)
     path = resolve_prompt_file(prompts)
+    if Path(out).resolve() == path.resolve():
+        raise UserError(f"{out}: is the --prompts file itself; write the table to another --out")
     if path.resolve().parent == PROMPTS_DIR and path.stem in EVAL_ONLY:
         raise UserError(
             f"{path}: an evaluation set for popalign evaluate (full prompts), not neutral prompts with "

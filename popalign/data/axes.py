@@ -141,8 +141,8 @@ class BiasAxis:
             unknown = sorted(set(map(str, item)) - _CLASS_KEYS)
             if unknown:
                 raise fail(f"classes[{i}]: unknown key(s) {unknown}; allowed: {sorted(_CLASS_KEYS)}")
-            texts = item.get("classifier_prompts", [])
-            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts or []):
+            texts = item.get("classifier_prompts")
+            if texts is not None and not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
                 raise fail(f"classes[{i}]: 'classifier_prompts' must be a list of strings")
             name = str(item["name"])
             phrase = str(item.get("phrase", name.replace("_", " ")))
@@ -154,6 +154,8 @@ class BiasAxis:
             raise fail("'target' must be a list of numbers, one per class")
         if not isinstance(data.get("order", 0), int):
             raise fail("'order' must be an integer")
+        if not isinstance(data.get("placeholder", ""), str):  # str(5) would pass as the slot {5}
+            raise fail("'placeholder' must be a name like 'identity'")
         axis_cls = _import_axis_class(data["class_path"], fail) if "class_path" in data else cls
         try:
             return axis_cls(
@@ -176,6 +178,8 @@ class BiasAxis:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as err:
             raise UserError(f"{path}: cannot read axis file ({err.strerror or err})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (not UTF-8); an axis file is YAML") from None
         except yaml.YAMLError as err:
             raise UserError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
         return cls.from_dict(data, source=str(path))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from popalign import files
 from popalign.data.axes import BiasAxis, Intersection
 from popalign.errors import UserError
 
@@ -271,6 +272,7 @@ def write_prompt_table(rows: Iterable[PromptRow], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder (--out takes the prompt table file to write)")
+    files.check_out(path, overwrite=True)  # no folder can be made below a file
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
