@@ -15,7 +15,7 @@ from popalign.errors import UserError, first_line
 
 _SDXL_BASE = re.compile(r"stable-diffusion-xl-(base|refiner)-1\.0")
 _SDXL_LICENSE_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"
-_DATA_SKIP = {"class_path", "inputs", "up_to_date"}  # the build's input hashes say nothing to a reader
+_DATA_SKIP = {"class_path", "inputs", "up_to_date", "shard_bytes"}  # hashes and sizes: nothing for a reader
 _TRAINER_KEYS = (
     "max_steps",
     "precision",

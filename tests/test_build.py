@@ -112,6 +112,36 @@ def test_build_balances_populations_and_trains_one_step(
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())
 
 
+def test_a_damaged_build_is_rebuilt_not_taken_as_up_to_date(
+    generated, labels, table, tiny_model, tmp_path, capsys
+):
+    """A re-run with unchanged inputs is "up to date" only when every shard has the size summary.json
+    recorded: a truncated shard, or a summary from before sizes were recorded, is rebuilt."""
+    out = tmp_path / "shards"
+    args = ["build", "--images", generated, "--labels", labels, "--prompts", table, "--model", tiny_model,
+        "--out", out, "--population-size", 2, "--groups-per-prompt", 2]  # fmt: skip
+    assert run_cli(args, capsys)[0] == 0
+    shard, summary = out / "shard-000000.tar", out / "summary.json"
+    good = shard.read_bytes()
+    with shard.open("r+b") as f:
+        f.truncate(len(good) // 2)  # cut mid-sample, as a full disk or an interrupted copy would
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "up to date" not in stdout and shard.read_bytes() == good  # same groups, same bytes
+    # a summary written before the sizes were recorded cannot vouch for its shards
+    old = json.loads(summary.read_text())
+    assert old.pop("shard_bytes") == [len(good)]
+    summary.write_text(json.dumps(old))
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "up to date" not in stdout and shard.read_bytes() == good
+    assert json.loads(summary.read_text())["shard_bytes"] == [len(good)]
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "summary.json"]  # no .partial left
+    assert "up to date" in run_cli(args, capsys)[1]
+    # a shard added since is not part of this build, and training on OUT would read it: refused
+    (out / "shard-000009.tar").write_bytes(good)
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "shard-000009.tar: 1 shard(s)" in err and "did not write" in err
+
+
 def test_largest_remainder_rounding():
     # exact (2, 1.2, 0.8) -> floors (2, 1, 0) -> the one left goes to the largest remainder (0.8)
     assert largest_remainder([0.5, 0.3, 0.2], 4).tolist() == [2, 1, 1]

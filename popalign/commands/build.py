@@ -5,7 +5,7 @@ prompts whose labels agree with the prompt, balanced to the axes' joint target d
 dispreferred population (K images of the neutral prompt), both captioned with the neutral prompt
 and encoded with the model's two text encoders. Writes OUT/shard-NNNNNN.tar (docs/shards.md) and
 OUT/summary.json, replacing the previous shards only once the new ones are complete (a run that
-builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing. See
+builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing while the shards keep their recorded sizes. See
 docs/pipeline.md.
 """
 

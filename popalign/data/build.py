@@ -14,7 +14,8 @@ Each group also stores the embeddings of the augmented captions its preferred me
 leaves them out.
 Latents come from ``generate`` (VAE-encoded here only for images without ``latent.npy``). The shards
 follow ``docs/shards.md``; ``summary.json`` records the counts. Shards are built in ``OUT/.partial``
-and moved into place when all are written; a re-run with unchanged inputs does nothing.
+and moved into place when all are written; a re-run with unchanged inputs does nothing while every
+shard still has the size ``summary.json`` recorded (else it rebuilds).
 """
 
 from __future__ import annotations
@@ -137,6 +138,20 @@ def _foreign_shards(out: Path, previous: dict) -> list[str]:
         return []
     ours = set(previous.get("shards", [])) if isinstance(previous.get("shards"), list) else set()
     return sorted(p.name for p in out.glob("shard-*.tar") if p.name not in ours)
+
+
+def _shards_intact(out: Path, previous: dict) -> bool:
+    """Every shard ``previous`` lists is in ``out`` with the size recorded when it was written.
+
+    Sizes catch the usual damage (a truncated copy, a full disk) without reading the shards. A
+    summary without them (written before they were recorded) counts as damaged: the rebuild writes
+    the same bytes and records the sizes, once, where checking the tars' structure would read every
+    shard on every re-run.
+    """
+    names, sizes = previous.get("shards"), previous.get("shard_bytes")
+    if not (isinstance(names, list) and isinstance(sizes, list) and len(names) == len(sizes)):
+        return False
+    return all((out / n).is_file() and (out / n).stat().st_size == size for n, size in zip(names, sizes))
 
 
 def _index_images(
@@ -291,9 +306,10 @@ def build_populations(
         previous = json.loads(old.read_text()) if old.is_file() else {}
     except ValueError:
         previous = {}  # unreadable: rebuild
-    if previous.get("inputs") == inputs and all((out / n).is_file() for n in previous.get("shards", [])):
+    foreign = _foreign_shards(out, previous)  # training would read them beside ours: never "up to date"
+    if not foreign and previous.get("inputs") == inputs and _shards_intact(out, previous):
         return {**previous, "up_to_date": True}
-    foreign = _foreign_shards(out, previous)
+    # else rebuild, as for changed inputs: a damaged shard is replaced like an outdated one
     if foreign:
         raise UserError(
             f"{out / foreign[0]}: {len(foreign)} shard(s) in {out} that popalign build did not write "
@@ -375,7 +391,11 @@ def build_populations(
     for path in writer.paths:
         names.append(Path(path).name)
         os.replace(path, out / names[-1])
-    summary.update(groups_written=len(plan), shards=names, counts=_count(plan, joint), inputs=inputs)
+    # a list beside ``shards``, not a dict by name: the model card shows a long list as a count
+    sizes = [(out / n).stat().st_size for n in names]
+    summary.update(
+        groups_written=len(plan), shards=names, shard_bytes=sizes, counts=_count(plan, joint), inputs=inputs
+    )
     files.write_json(old, summary)
     shutil.rmtree(staging, ignore_errors=True)
     return summary
