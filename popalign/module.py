@@ -285,11 +285,11 @@ class PopAlignModule(L.LightningModule):
         if self.optimizer_factory is None:
             optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
         else:
-            optimizer = self.optimizer_factory(params)
+            optimizer = _configured("optimizer", self.optimizer_factory, params)
         self._configured_optimizer = optimizer_settings(optimizer)  # before a schedule or a resume moves them
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        scheduler = _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(
@@ -460,6 +460,15 @@ class PopAlignModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             complete_state(state, self.state_dict(), self.frozen_keys(), self.ema)
+
+
+def _configured(key: str, factory: Any, arg: Any) -> Any:
+    # torch and popalign.optim check their arguments (a negative lr, betas outside [0, 1)) with a
+    # ValueError: the config's mistake, one line naming the key
+    try:
+        return factory(arg)
+    except ValueError as err:
+        raise UserError(f"model.init_args.{key}: {err}") from None
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

@@ -15,6 +15,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
@@ -182,7 +184,10 @@ class PopAlignCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # e.g. max_steps -5: the config's, one line
+            raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
         tidy_rich_progress_bar(trainer.callbacks)
         return trainer
@@ -271,6 +276,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
     also when jsonargparse wrapped it (errors raised while it instantiates the model or data); Ctrl-C
     exits 130 with one line, as the ``popalign`` stages do (Lightning's graceful shutdown exits 1)."""
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         return _build(args, run)
     except (KeyboardInterrupt, SystemExit) as stop:
         if isinstance(stop, SystemExit) and not lightning_interrupt(stop):
@@ -283,6 +289,28 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
             raise
         print(f"train.py: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config FILE`` must be UTF-8 YAML: otherwise one line naming the file (jsonargparse shows
+    a YAML error without the file's name, and a binary file as a traceback). Values that are not files
+    (a missing path, YAML given inline) are left to jsonargparse."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if not path.is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)  # the error marks name the file: in "configs/x.yaml", line 3
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (not UTF-8); --config takes a YAML file") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
 
 
 def lightning_interrupt(stop: SystemExit) -> bool:

@@ -171,6 +171,8 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
     (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    (tmp_path / "binary.yaml").write_bytes(b"\xb9\x00\xff\xfe")
+    (tmp_path / "broken.yaml").write_text("model:\n  class_path: [a, b\n")
     capsys.readouterr()  # `popalign tiny`'s progress bars
     fit = ["fit", "--config", CONFIG, *QUIET]
     for args, message in (
@@ -185,6 +187,15 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         ),
         (["--ckpt_path=nowhere.ckpt"], "nowhere.ckpt: checkpoint not found"),
         (["--ckpt_path=garbage.ckpt"], "garbage.ckpt: not a PyTorch checkpoint"),
+        # config files: named (jsonargparse's YAML errors say "<unicode string>"; binary: a traceback)
+        (["--config", "binary.yaml"], "binary.yaml: not a text file (not UTF-8)"),
+        (
+            ["--config=broken.yaml"],
+            'broken.yaml: invalid YAML (while parsing a flow sequence in "broken.yaml"',
+        ),
+        # Lightning's and torch's own checks of a value: one line naming the key
+        (["--trainer.max_steps=-5"], "trainer: `max_steps` must be a non-negative integer or -1"),
+        (["--model.init_args.optimizer.init_args.lr=-1"], "model.init_args.optimizer: Invalid learning rate"),
     ):
         err = _fails(capsys, fit + args)
         assert len(err) <= 2 and err[-1].startswith("train.py: error:") and message in err[-1], err
