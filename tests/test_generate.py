@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -133,6 +134,41 @@ def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path
     # resuming with other settings would mix two samplers in one folder
     code, _, err = generate_cli("--steps", "3")
     assert code == 2 and "generate.json" in err and "steps=2" in err and len(err.strip().splitlines()) == 1
+
+
+def _cut(shard: Path, how: str) -> None:
+    """Cut a finished shard short, as a full disk or a bad copy would."""
+    with tarfile.open(shard) as tar:
+        last_image = tar.getmembers()[-3]  # the first file of the shard's last image
+    cut = {
+        "empty": 0,
+        "mid-data": last_image.offset_data + 10,  # tarfile: "unexpected end of data"
+        "mid-header": last_image.offset + 100,  # tarfile reads it as a shorter archive, no error
+    }[how]
+    shard.write_bytes(shard.read_bytes()[:cut])
+
+
+@pytest.mark.parametrize("how", ["empty", "mid-data", "mid-header"])
+def test_resume_refuses_a_recorded_shard_cut_short(generated, tiny_model, table, tmp_path, capsys, how):
+    # the done log still lists the shard's prompts: a resume must not trust it (label and build
+    # would fail on it), nor top its prompts up into a new shard beside it
+    out = tmp_path / "images"
+    shutil.copytree(generated, out)
+    shard = out / "images-r0-000001.tar"
+    _cut(shard, how)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["generate", "--model", tiny_model, "--prompts", table, "--out", out, *GEN_FLAGS]
+    for per_prompt in (N_IMAGES, N_IMAGES + 1):
+        code, stdout, err = run_cli([*args, "--images-per-prompt", per_prompt], capsys)
+        assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+        assert f"{shard}: " in err and "delete it to regenerate its prompts" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    # the advice works: the deleted shard's prompts are sampled again, the folder reads whole
+    shard.unlink()
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and f"4 already done, {2 * N_IMAGES} images generated" in stdout
+    keys = [s.key for s in iter_image_samples(out)]
+    assert len(keys) == len(set(keys)) == 6 * N_IMAGES
 
 
 def test_generate_through_lightning_predict_gives_the_same_images(

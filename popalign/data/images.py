@@ -127,7 +127,8 @@ class ImageShardWriter:
         final = self._name()
         os.replace(f"{final}.tmp", final)
         with open(self.directory / f"done-r{self.rank}.jsonl", "a") as f:
-            record = {"shard": final.name, "prompt_ids": self._prompts}
+            # its size, so that a resume can tell a shard cut short since (full disk, bad copy)
+            record = {"shard": final.name, "bytes": final.stat().st_size, "prompt_ids": self._prompts}
             record.update(images=self._images, prompts=self._texts)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
@@ -219,7 +220,8 @@ def prompt_records(directory: str | Path) -> dict[str, DonePrompt]:
     """prompt_id -> :class:`DonePrompt` for every prompt with images in a complete shard.
 
     Read from the done records; a shard without a record (a crash cut it off) or with an old one
-    (no indices or prompt text) is read itself. ``UserError`` when two shards hold the same prompt
+    (no indices or prompt text) is read itself. ``UserError`` when a shard's size differs from the one
+    its record holds (cut short since it was written). ``UserError`` when two shards hold the same prompt
     id sampled from different texts (the folder mixes two prompt tables).
     """
     d = Path(directory)
@@ -229,6 +231,12 @@ def prompt_records(directory: str | Path) -> dict[str, DonePrompt]:
     done: dict[str, DonePrompt] = {}
     for shard in sorted(p for p in d.iterdir() if SHARD_RE.fullmatch(p.name)):
         rec = records.get(shard.name, {})
+        size = shard.stat().st_size
+        if isinstance(rec.get("bytes"), int) and rec["bytes"] != size:  # older records: no size
+            raise UserError(
+                f"{shard}: truncated image shard ({size} bytes, its done record says {rec['bytes']}); "
+                "delete it to regenerate its prompts"
+            )
         if isinstance(rec.get("images"), dict) and isinstance(rec.get("prompts"), dict):
             found = {
                 pid: (rec["images"].get(pid, []), rec["prompts"].get(pid))
