@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import GEN_FLAGS, run_cli
 from conftest import cli_fails as fails
 
@@ -221,6 +222,28 @@ def test_build_keeps_previous_shards_and_refuses_foreign_ones(inputs, tiny_model
     # missing labels: one line, not a traceback
     inputs["labels"].unlink()
     fails(build_args(inputs, tiny_model, tmp_path / "o1"), capsys, str(inputs["labels"]), "cannot read")
+
+
+def test_device_out_and_option_mistakes_are_one_line(inputs, tiny_model, tmp_path, capsys):
+    # each was a traceback: torch's device parser, a folder made below a file, YAML's parser
+    out = tmp_path / "shards"
+    fails(
+        [*build_args(inputs, tiny_model, out), "--device", "foo"], capsys, "--device 'foo': Expected one of"
+    )
+    if not torch.cuda.is_available():
+        fails([*build_args(inputs, tiny_model, out), "--device", "cuda"], capsys, "CUDA is not available")
+        fails(["evaluate", "--model", tiny_model, "--out", tmp_path / "ev", "--device", "cuda"], capsys,
+              "--device 'cuda': CUDA is not available")  # fmt: skip
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fails(build_args(inputs, tiny_model, afile / "shards"), capsys, f"{afile} is a file, not a folder")
+    label = ["label", "--images", inputs["images"], "--axes", "gender", "--out", tmp_path / "l.jsonl"]
+    fails(
+        [*label, "--classifier-option", "foo=[1,"],
+        capsys,
+        "--classifier-option 'foo=[1,': the value is not YAML",
+    )
+    assert nothing_built(out) and afile.read_text() == "x" and not (tmp_path / "ev").exists()
 
 
 def test_build_help_shows_no_default_for_an_off_switch(capsys):

@@ -12,6 +12,7 @@ docs/pipeline.md.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "build population shards (preferred vs dispreferred groups) for training"
 S = argparse.SUPPRESS
@@ -87,9 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from popalign import files
+    from popalign.commands import parse_device
     from popalign.data.axes import load_axes
     from popalign.data.build import BuildSettings, build_populations, format_summary
     from popalign.errors import UserError
+
+    device = parse_device(args.device)
+    files.check_out(Path(args.out), overwrite=True)  # no folder can be made below a file
 
     settings = BuildSettings(
         args.population_size,
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     axes = load_axes(args.axes) if hasattr(args, "axes") else None  # absent (SUPPRESS) unless given
     summary = build_populations(
         args.images, args.labels, args.prompts, args.model, args.out, axes=axes, settings=settings,
-        vae=getattr(args, "vae", None), device=args.device,
+        vae=getattr(args, "vae", None), device=device,
     )  # fmt: skip
     print(format_summary(summary))
     if summary["groups_written"] == 0:

@@ -142,6 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from popalign.commands import parse_device
     from popalign.evaluation.config import EvalConfig
     from popalign.evaluation.evaluate import evaluate
 
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if fields.get("neutral") == "none":
         fields["neutral"] = None
+    if fields.get("device") is not None:
+        parse_device(fields["device"])  # a typo or a missing GPU: one line before any model loads
     config = EvalConfig(**fields, progress=not args.no_progress)
     result = evaluate(config)
     m = result["metrics"]

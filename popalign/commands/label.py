@@ -76,14 +76,19 @@ def run(args: argparse.Namespace) -> int:
     from popalign.data.classifiers import get_classifier
     from popalign.data.images import image_shards
     from popalign.data.label import label_images
-    from popalign.errors import UserError
+    from popalign.errors import UserError, first_line
 
     options = {}
     for item in args.classifier_option:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise UserError(f"--classifier-option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(
+                f"--classifier-option {item!r}: the value is not YAML ({first_line(err)})"
+            ) from None
     for flag, key in (("classifier_model", "model"), ("device", "device")):
         if hasattr(args, flag):  # optional flags are absent (SUPPRESS) unless given
             options[key] = getattr(args, flag)

@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from popalign.commands import parse_device
     from popalign.errors import UserError
     from popalign.world.base import BaseTrainConfig, build_base_model, cache_problem, read_meta
     from popalign.world.base_eval import evaluate_base
@@ -43,12 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.evaluate < 0:
         raise UserError(f"--evaluate must be >= 0, got {args.evaluate}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise UserError(f"--device {args.device!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device!r}: CUDA is not available on this machine")
+    device = parse_device(args.device)
     torch.set_num_threads(args.threads)
 
     config = BaseTrainConfig(seed=args.seed)
