@@ -180,6 +180,12 @@ def test_generate_flags_and_folders_fail_before_anything_is_written(table, tiny_
     assert not out.exists()  # no generate.json recording the typo: the corrected command just runs
     for flag in ("--batch-size", "--shard-size", "--devices", "--num-nodes"):
         fails(generate_args(tiny_model, table, out, flag, 0), capsys, f"{flag} must be >= 1, got 0")
+    # NaN guidance recorded null / NaN (invalid JSON); missing folders were looked up on the hub
+    fails(generate_args(tiny_model, table, out, "--guidance-scale", "nan"), capsys, "must be a finite number")
+    for flag in ("--vae", "--unet", "--lora"):
+        fails(
+            generate_args(tiny_model, table, out, flag, "./nowhere"), capsys, f"./nowhere: {flag} not found"
+        )
     assert not out.exists()
     (tmp_path / "afile").write_text("x")
     fails(generate_args(tiny_model, table, tmp_path / "afile"), capsys, "afile", "not a folder")
@@ -243,6 +249,11 @@ def test_device_out_and_option_mistakes_are_one_line(inputs, tiny_model, tmp_pat
         capsys,
         "--classifier-option 'foo=[1,': the value is not YAML",
     )
+    # a missing local folder was looked up on the hub ("Repo id must use alphanumeric chars")
+    fails([*label, "--classifier", "clip", "--classifier-model", "./noclip"], capsys,
+          "./noclip: --classifier-model not found")  # fmt: skip
+    fails(["evaluate", "--model", tiny_model, "--out", tmp_path / "ev", "--guidance-scale", "nan"], capsys,
+          "--guidance-scale must be a finite number, got nan")  # fmt: skip
     assert nothing_built(out) and afile.read_text() == "x" and not (tmp_path / "ev").exists()
 
 

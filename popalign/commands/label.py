@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from popalign.data.images import image_shards
     from popalign.data.label import label_images
     from popalign.errors import UserError, first_line
+    from popalign.models.loading import check_model_source
 
     options = {}
     for item in args.classifier_option:
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--classifier-option {item!r}: the value is not YAML ({first_line(err)})"
             ) from None
+    if hasattr(args, "classifier_model"):  # a missing folder: said so, not looked up on the hub
+        check_model_source(args.classifier_model, "--classifier-model")
     for flag, key in (("classifier_model", "model"), ("device", "device")):
         if hasattr(args, flag):  # optional flags are absent (SUPPRESS) unless given
             options[key] = getattr(args, flag)

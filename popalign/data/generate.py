@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,6 +28,7 @@ from popalign.data.encode import decode_latents, require_components
 from popalign.data.images import KEY_RE, DonePrompt, ImageShardWriter, encode_image, prompt_records
 from popalign.data.prompts import PromptRow
 from popalign.errors import UserError
+from popalign.models.loading import check_model_source
 
 PIPELINE_COMPONENTS = (
     "unet",
@@ -179,6 +181,11 @@ class GenerateSettings:
             raise UserError(f"--height and --width must be multiples of 8, got {self.height}x{self.width}")
         if self.image_format not in ("png", "jpg"):
             raise UserError(f"--image-format must be png or jpg, got {self.image_format!r}")
+        if not math.isfinite(self.guidance_scale):  # nan: every image undefined, and invalid JSON records
+            raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
+        for flag in ("vae", "unet", "lora"):  # a missing folder is an error here, not a hub lookup
+            if getattr(self, flag):
+                check_model_source(getattr(self, flag), f"--{flag}")
 
 
 LOCAL_PATHS = ("model", "vae", "unet", "lora")  # a hub id, or a folder however it is spelled

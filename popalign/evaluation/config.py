@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from popalign.errors import UserError
@@ -71,6 +72,8 @@ class EvalConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.height % 8 or self.width % 8:
             raise UserError(f"--height and --width must be multiples of 8, got {self.height}x{self.width}")
+        if not math.isfinite(self.guidance_scale):
+            raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.fid_features not in ("inception", "pixel"):
             raise UserError(f"--fid-features must be inception or pixel, got {self.fid_features!r}")
         if self.images and (self.baseline or self.unet or self.lora):
