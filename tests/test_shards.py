@@ -382,6 +382,30 @@ def test_bad_fraction_grace_and_end_of_data():
         BadSampleCounter(0.0).record_bad(bad)  # zero tolerance: the first bad sample fails
 
 
+def test_a_bad_sample_read_again_gets_one_line(caplog):
+    # resampled epochs reread the same few bad groups: 100 identical lines before the abort, before
+    counter = BadSampleCounter(0.01, grace=100)
+    bad = ShardError("broken", url="s-000001.tar", key="p0001-g0000")
+    with caplog.at_level(logging.WARNING, logger="popalign.data.shards"):
+        for _ in range(99):
+            counter.record_bad(bad)
+        with pytest.raises(ShardError, match=r"100 of 100 samples bad \(1 distinct, read again\)"):
+            counter.record_bad(bad)
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping bad sample (1 of 1 bad so far): s-000001.tar: sample 'p0001-g0000': broken"
+    ]
+    # many distinct bad samples: the first LOGGED get a line, then one line says the rest are counted
+    caplog.clear()
+    counter = BadSampleCounter(0.5, grace=1000)
+    with caplog.at_level(logging.WARNING, logger="popalign.data.shards"):
+        for i in range(30):
+            counter.record_bad(ShardError("broken", url="s.tar", key=f"k{i}"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == BadSampleCounter.LOGGED + 1 and lines[-1].startswith(
+        "further bad samples are counted"
+    )
+
+
 def test_bad_fraction_abort_names_shard_and_key(tmp_path):
     url = write_raw(tmp_path / "mixed.tar", [_encoded(0), _encoded(1, json=b"[]")])
     with pytest.raises(ShardError) as err:

@@ -198,10 +198,13 @@ class BadSampleCounter:
     DataLoader worker) counts on its own.
     """
 
+    LOGGED = 10  # bad samples given a line each; the rest are counted (and named in the abort)
+
     def __init__(self, max_bad_fraction: float = 0.01, grace: int = BAD_FRACTION_GRACE) -> None:
         self.max_bad_fraction, self.grace = max_bad_fraction, grace
         self.seen = self.bad = 0
         self.last: ShardError | None = None
+        self.distinct: set[tuple[str | None, str | None]] = set()  # resampled passes reread samples
 
     def good(self) -> None:
         self.seen += 1
@@ -211,7 +214,13 @@ class BadSampleCounter:
         self.seen += 1
         self.bad += 1
         self.last = error
-        log.warning("skipping bad sample (%d of %d bad so far): %s", self.bad, self.seen, error)
+        where = (error.url, error.key)
+        if where not in self.distinct:  # one line per sample, not per reading of it
+            self.distinct.add(where)
+            if len(self.distinct) <= self.LOGGED:
+                log.warning("skipping bad sample (%d of %d bad so far): %s", self.bad, self.seen, error)
+            if len(self.distinct) == self.LOGGED:
+                log.warning("further bad samples are counted without a line each")
         self._check(final=False)
 
     def finish(self) -> None:
@@ -222,8 +231,9 @@ class BadSampleCounter:
             return
         judged = final or self.seen >= self.grace or self.max_bad_fraction == 0
         if judged and self.bad / self.seen > self.max_bad_fraction:
+            again = f" ({len(self.distinct)} distinct, read again)" if len(self.distinct) < self.bad else ""
             raise ShardError(
-                f"{self.bad} of {self.seen} samples bad, above max_bad_fraction={self.max_bad_fraction}; "
+                f"{self.bad} of {self.seen} samples bad{again}, above max_bad_fraction={self.max_bad_fraction}; "
                 f"last problem: {self.last.problem}",
                 url=self.last.url,
                 key=self.last.key,
