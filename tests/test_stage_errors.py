@@ -186,6 +186,11 @@ def test_generate_flags_and_folders_fail_before_anything_is_written(table, tiny_
         fails(
             generate_args(tiny_model, table, out, flag, "./nowhere"), capsys, f"./nowhere: {flag} not found"
         )
+    # another component's folder: diffusers' page of unused weights and "Cannot copy out of meta tensor"
+    for flag, given, found, wanted in (("--unet", "vae", "AutoencoderKL", "UNet2DConditionModel"),
+                                       ("--vae", "unet", "UNet2DConditionModel", "AutoencoderKL")):  # fmt: skip
+        fails(generate_args(tiny_model, table, out, flag, Path(tiny_model) / given), capsys,
+              f"{given}/config.json: the config of {found}, not of the {wanted} that {flag} takes")  # fmt: skip
     assert not out.exists()
     (tmp_path / "afile").write_text("x")
     fails(generate_args(tiny_model, table, tmp_path / "afile"), capsys, "afile", "not a folder")

@@ -47,15 +47,30 @@ def image_seed(seed: int, prompt_id: str, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+COMPONENT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
 def _component_path(path: str, subfolder: str) -> dict[str, Any]:
     # accept either the component folder itself or a pipeline/export folder holding it
-    if (Path(path) / subfolder / "config.json").is_file():
-        return {"subfolder": subfolder}
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+    kw = {"subfolder": subfolder} if (Path(path) / subfolder / "config.json").is_file() else {}
+    config = Path(path) / kw.get("subfolder", "") / "config.json"
+    if Path(path).exists() and not config.is_file():
         raise UserError(
             f"{path}: neither a {subfolder} folder (config.json) nor a folder with '{subfolder}/'"
         )
-    return {}
+    # another component's folder (a VAE given as --unet) fails inside diffusers with a page of
+    # "weights not used" and "Cannot copy out of meta tensor"
+    try:
+        found = (
+            json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
+        )
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        found = None  # diffusers reports an unreadable config in its own words
+    if found is not None and found != COMPONENT_CLASSES[subfolder]:
+        raise UserError(
+            f"{config}: the config of {found}, not of the {COMPONENT_CLASSES[subfolder]} that --{subfolder} takes"
+        )
+    return kw
 
 
 def load_pipeline(
