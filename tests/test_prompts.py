@@ -402,6 +402,8 @@ def test_cli_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
         ("empty.csv", b"", "no 'prompt' column (columns: none)"),
         ("bin.txt", b"\xff\xfe doctor\n", "not UTF-8 text"),
         ("bin.csv", b"prompt\na {identity} cook\n\xff\n", "not UTF-8 text"),
+        # read as one prompt holding the rest of the file, before
+        ("quote.csv", b'prompt\na {identity} cook\n"a {identity} nurse\nx\n', "quote.csv:3: not valid CSV"),
         (
             "dot.csv",
             b"prompt_id,prompt\ndoc.1,a photo of a {identity} doctor\n",

@@ -133,14 +133,33 @@ def resolve_prompt_file(name_or_path: str | Path) -> Path:
     raise UserError(f"{path}: prompt file not found (shipped sets: {', '.join(shipped_prompt_sets())})")
 
 
-def _open_csv(path: Path, required: str = "prompt") -> tuple[csv.DictReader, Any]:
+class _CsvReader(csv.DictReader):
+    """A strict ``DictReader`` (an unclosed quote is an error, not the rest of the file read as one
+    field) whose format errors name the file and line."""
+
+    def __init__(self, lines: Any, path: Path) -> None:
+        super().__init__(lines, strict=True)
+        self.path = path
+
+    def __next__(self) -> dict:
+        start = self.line_num + 1  # where the record begins; the count stops short at the error
+        try:
+            return super().__next__()
+        except csv.Error as err:
+            raise UserError(f"{self.path}:{start}: not valid CSV ({err}: an unclosed quote?)") from None
+
+
+def _open_csv(path: Path, required: str = "prompt") -> tuple[_CsvReader, Any]:
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
-    reader = csv.DictReader(_utf8_lines(handle, path))
+    reader = _CsvReader(_utf8_lines(handle, path), path)
     try:
         columns = list(reader.fieldnames or [])
+    except csv.Error as err:
+        handle.close()
+        raise UserError(f"{path}:1: not valid CSV ({err})") from None
     except BaseException:
         handle.close()
         raise
