@@ -230,6 +230,11 @@ def test_build_keeps_previous_shards_and_refuses_foreign_ones(inputs, tiny_model
     (foreign / "shard-000000.tar").write_bytes(b"someone else's shard")
     fails(build_args(inputs, tiny_model, foreign), capsys, "shard-000000.tar", "did not write")
     assert (foreign / "shard-000000.tar").read_bytes() == b"someone else's shard"
+    # a damaged summary.json cannot vouch for the shards beside it: said so, nothing deleted
+    for damage in ("{not json", "[1, 2]"):
+        (out / "summary.json").write_text(damage)
+        fails(build_args(inputs, tiny_model, out), capsys, "shard-000000.tar", "summary.json is ")
+    assert (out / "shard-000000.tar").read_bytes() == before["shard-000000.tar"]
     # missing labels: one line, not a traceback
     inputs["labels"].unlink()
     fails(build_args(inputs, tiny_model, tmp_path / "o1"), capsys, str(inputs["labels"]), "cannot read")

@@ -302,10 +302,13 @@ def build_populations(
         settings=asdict(s),
     )
     old = out / "summary.json"
+    damaged = ""
     try:
-        previous = json.loads(old.read_text()) if old.is_file() else {}
-    except ValueError:
-        previous = {}  # unreadable: rebuild
+        previous = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        previous, damaged = {}, f"; {old} is unreadable ({first_line(err)})"  # no shards beside it: rebuild
+    if not isinstance(previous, dict):
+        previous, damaged = {}, f"; {old} is not a JSON object"
     foreign = _foreign_shards(out, previous)  # training would read them beside ours: never "up to date"
     if not foreign and previous.get("inputs") == inputs and _shards_intact(out, previous):
         return {**previous, "up_to_date": True}
@@ -313,7 +316,7 @@ def build_populations(
     if foreign:
         raise UserError(
             f"{out / foreign[0]}: {len(foreign)} shard(s) in {out} that popalign build did not write "
-            f"(no {old.name} lists them); use another --out or remove them"
+            f"(no {old.name} lists them{damaged}); use another --out or remove them"
         )
 
     label_rows = read_labels(labels, axes)
