@@ -302,6 +302,10 @@ def test_read_prompt_table_errors(tmp_path):
     path.write_text(good.replace('"neutral",', '"other",', 1) + "\n")
     with pytest.raises(UserError, match="kind must be one of"):
         read_prompt_table(path)
+    edited = json.loads(good) | {"prompt_id": "../p0000"}  # ids become tar keys (generate refused it unnamed)
+    path.write_text(json.dumps(edited) + "\n")
+    with pytest.raises(UserError, match=rf"{path}:1: prompt_id '\.\./p0000': use letters, digits"):
+        read_prompt_table(path)
 
 
 def test_shipped_prompt_sets():

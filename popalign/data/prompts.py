@@ -339,6 +339,11 @@ def read_prompt_table(path: str | Path) -> list[PromptRow]:
             raise UserError(f"{where}: 'classes' must map axis to class and every other value be a string")
         if data["kind"] not in KINDS:
             raise UserError(f"{where}: kind must be one of {KINDS}, got {data['kind']!r}")
+        if not _ID.fullmatch(data["prompt_id"]):  # generate would refuse it without naming the table
+            raise UserError(
+                f"{where}: prompt_id {data['prompt_id']!r}: use letters, digits, '_' and '-' only (it "
+                "becomes a tar key)"
+            )
         if data["prompt_id"] in seen:
             raise UserError(f"{where}: duplicate prompt_id {data['prompt_id']!r}")
         seen.add(data["prompt_id"])
