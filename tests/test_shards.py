@@ -123,7 +123,12 @@ BAD_SOURCES = {
     ),
     "shape": (
         lambda g: setattr(g, "source_prompt_embeds", g.source_prompt_embeds[:, :5]),
-        "expected [S, *[77, 8]]",
+        "source_prompt_embeds has shape [2, 5, 8] and prompt_embeds [77, 8]: they must agree",
+    ),
+    # the neutral caption's array the odd one: not blamed on the (good) source array alone
+    "neutral_shape": (
+        lambda g: setattr(g, "prompt_embeds", g.prompt_embeds[:5]),
+        "source_prompt_embeds has shape [2, 77, 8] and prompt_embeds [5, 8]: they must agree",
     ),
     "count": (lambda g: g.meta.update(sources=["a photo of a female doctor"]), "the 2 distinct captions"),
     "unknown": (

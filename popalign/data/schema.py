@@ -153,8 +153,11 @@ class PopulationGroup:
             if not np.isfinite(arr).all():
                 return f"{name} contains NaN or inf"
         emb_shape = list(self.prompt_embeds.shape)
-        if emb.ndim != 3 or list(emb.shape[1:]) != emb_shape:
-            return f"source_prompt_embeds has shape {emb.shape}, expected [S, *{emb_shape}]"
+        if emb.ndim != 3 or list(emb.shape[1:]) != emb_shape:  # either one may be the odd one
+            return (
+                f"source_prompt_embeds has shape {list(emb.shape)} and prompt_embeds {emb_shape}: they must "
+                "agree ([S, L, D] and [L, D])"
+            )
         n = emb.shape[0]
         if pooled.shape != (n, *self.pooled_prompt_embeds.shape):
             want = [n, *self.pooled_prompt_embeds.shape]
