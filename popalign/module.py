@@ -292,6 +292,21 @@ class PopAlignModule(L.LightningModule):
         scheduler = _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def check_optimizer_config(self) -> None:
+        """Build the configured optimizer and schedule on a stand-in parameter, so that a value they
+        refuse (an ``lr`` below 0, ``total_steps`` not above ``warmup_steps``) stops the run before it
+        writes anything; other failures of the stand-in are left to :meth:`configure_optimizers`."""
+        if self.optimizer_factory is None:
+            return
+        try:
+            optimizer = _configured("optimizer", self.optimizer_factory, [nn.Parameter(torch.zeros(1))])
+            if self.lr_scheduler_factory is not None:
+                _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. an optimizer that wants GPU parameters: checked later
+            return
+
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:

@@ -144,6 +144,8 @@ class PopAlignCLI(LightningCLI):
             for shards in (self.datamodule.train_shards, self.datamodule.val_shards):
                 if shards:
                     expand_shards(shards)
+        if isinstance(self.model, PopAlignModule):
+            self.model.check_optimizer_config()  # an lr torch refuses: before the logger's run folder
         if not ckpt_path:
             refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
         elif isinstance(self.model, PopAlignModule):  # another base, LoRA settings: before the run folder

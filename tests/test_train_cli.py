@@ -196,9 +196,19 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         # Lightning's and torch's own checks of a value: one line naming the key
         (["--trainer.max_steps=-5"], "trainer: `max_steps` must be a non-negative integer or -1"),
         (["--model.init_args.optimizer.init_args.lr=-1"], "model.init_args.optimizer: Invalid learning rate"),
+        (
+            [
+                "--model.init_args.lr_scheduler.class_path=popalign.optim.CosineWithWarmup",
+                "--model.init_args.lr_scheduler.init_args.total_steps=5",
+                "--model.init_args.lr_scheduler.init_args.warmup_steps=10",
+            ],
+            "model.init_args.lr_scheduler: total_steps must exceed warmup_steps (10), got 5",
+        ),
     ):
         err = _fails(capsys, fit + args)
         assert len(err) <= 2 and err[-1].startswith("train.py: error:") and message in err[-1], err
+    # each refused before the logger makes a run folder (one holding only a config would be left)
+    assert not (tmp_path / "runs/tiny/logs").exists(), list((tmp_path / "runs/tiny/logs").rglob("*"))
     # parse errors: the refused key, without the page of usage text before it
     for args, message in (
         (["--model.init_args.lr=1e-3"], "Option 'lr' is not accepted"),
