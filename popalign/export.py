@@ -51,7 +51,8 @@ def load_training_checkpoint(path: str | Path) -> dict:
     """A :class:`~popalign.module.PopAlignModule` checkpoint read with ``torch.load(weights_only=True)``.
 
     Only tensors, plain containers and ``pathlib`` paths are accepted. Raises :class:`UserError` for a
-    missing file, a file that is not a checkpoint, or a checkpoint of another model.
+    missing file, a file that is not a checkpoint, a damaged one (an archive member failing its CRC),
+    or a checkpoint of another model.
     """
     path = Path(path)
     if path.is_dir():
@@ -68,7 +69,8 @@ def load_training_checkpoint(path: str | Path) -> dict:
     try:
         # torch.load never checks the archive's CRCs: a checkpoint damaged by a copy or a disk would
         # export wrong weights without a word (reads the whole file once, at disk speed)
-        damaged = zipfile.ZipFile(path).testzip()
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
     except (OSError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(err)})") from err
     if damaged is not None:

@@ -5,8 +5,8 @@ prompts whose labels agree with the prompt, balanced to the axes' joint target d
 dispreferred population (K images of the neutral prompt), both captioned with the neutral prompt
 and encoded with the model's two text encoders. Writes OUT/shard-NNNNNN.tar (docs/shards.md) and
 OUT/summary.json, replacing the previous shards only once the new ones are complete (a run that
-builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing while the shards keep their recorded sizes. See
-docs/pipeline.md.
+builds nothing leaves OUT as it was). Re-running with unchanged inputs does nothing while the shards
+keep their recorded sizes. See docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     axes = load_axes(args.axes) if hasattr(args, "axes") else None  # absent (SUPPRESS) unless given
     summary = build_populations(
         args.images, args.labels, args.prompts, args.model, args.out, axes=axes, settings=settings,
-        vae=getattr(args, "vae", None), device=device,
+        vae=getattr(args, "vae", None), device=str(device),
     )  # fmt: skip
     print(format_summary(summary))
     if summary["groups_written"] == 0:
