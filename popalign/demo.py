@@ -94,6 +94,8 @@ def check_settings(s: DemoSettings) -> dict:
         value = getattr(s, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UserError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or s.seed < 0:  # numpy refuses it later
+        raise UserError(f"{flag_of('seed')} must be an integer >= 0, got {s.seed!r}")
     if s.steps is not None and s.steps < 1:
         raise UserError(f"steps must be >= 1, got {s.steps}")
     if s.guidance_scale is not None and s.guidance_scale < 0:

@@ -77,8 +77,8 @@ def run_compare(
     skips the finished runs."""
     import numpy as np
 
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--compare-seeds must be distinct seeds, got {list(seeds)}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--compare-seeds must be distinct seeds >= 0, got {list(seeds)}")
     if not objectives or len(set(objectives)) != len(objectives):
         raise UserError(f"--compare-objectives must be distinct objectives, got {list(objectives)}")
     out = Path(s.out)

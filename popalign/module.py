@@ -98,6 +98,8 @@ class PopAlignModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         if preservation_weight < 0:
             raise UserError(f"model: preservation_weight must be >= 0, got {preservation_weight}")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise UserError(f"model: ema_decay must be in (0, 1) (or null for none), got {ema_decay}")
         if lora_rank is not None and lora_rank < 1:
             raise UserError(f"model: lora_rank must be >= 1 (or null for full fine-tuning), got {lora_rank}")
         self.preservation_weight = float(preservation_weight)

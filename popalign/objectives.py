@@ -16,6 +16,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from popalign.errors import UserError
+
+
+def _positive_beta(beta: float) -> float:
+    # beta 0 makes the loss the constant log 2 (nothing is learned); below 0 it trains towards the bias
+    if not beta > 0:
+        raise UserError(f"objective: beta must be > 0, got {beta}")
+    return float(beta)
+
 
 @dataclass
 class ObjectiveOutput:
@@ -126,7 +135,7 @@ class PopAlignLoss(Objective):
         sync_kappa: bool = True,
     ) -> None:
         super().__init__()
-        self.beta = float(beta)
+        self.beta = _positive_beta(beta)
         self.lambda_preferred = float(lambda_preferred)
         self.lambda_dispreferred = float(lambda_dispreferred)
         self.sync_kappa = sync_kappa
@@ -157,7 +166,7 @@ class _GroupedObjective(Objective):
 
     def __init__(self, beta: float = 5000.0, check_groups: bool = True) -> None:
         super().__init__()
-        self.beta = float(beta)
+        self.beta = _positive_beta(beta)
         self.check_groups = check_groups
 
     def _output(

@@ -126,6 +126,21 @@ class PopAlignCLI(LightningCLI):
         if self.config.get("subcommand"):
             check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # the module has no test_step and no forward for predict: those subcommands could only fail
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def before_validate(self) -> None:
+        """``validate`` runs the validation shards: one line when there are none (Lightning's error
+        is a traceback about a ``None`` dataloader)."""
+        if isinstance(self.datamodule, PopulationDataModule):
+            if not self.datamodule.val_shards:
+                raise UserError(
+                    "validate needs validation shards: pass --data.val_shards (popalign build's --out)"
+                )
+            expand_shards(self.datamodule.val_shards)
+
     def before_fit(self) -> None:
         """Check the shard paths (before the logger writes a run folder), refuse a fresh run into a
         checkpoint folder holding an earlier run's checkpoints, a resume the run cannot continue
@@ -188,7 +203,7 @@ class PopAlignCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as err:  # e.g. max_steps -5: the config's, one line
+        except (MisconfigurationException, ValueError) as err:  # max_steps -5, strategy bogus: one line
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
         tidy_rich_progress_bar(trainer.callbacks)

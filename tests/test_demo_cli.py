@@ -33,7 +33,13 @@ def _run(args, capsys):
         (["--eval-specific-images", "0"], "--eval-specific-images must be an integer >= 1, got 0"),
         (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
         (["--compare-seeds", "1"], "--compare-seeds and --compare-objectives need --compare"),
-        (["--compare", "--compare-seeds", "1", "1"], "--compare-seeds must be distinct seeds, got [1, 1]"),
+        (
+            ["--compare", "--compare-seeds", "1", "1"],
+            "--compare-seeds must be distinct seeds >= 0, got [1, 1]",
+        ),
+        # numpy refuses negative seeds, after minutes of the base model's build
+        (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["--compare", "--compare-seeds", "-1"], "--compare-seeds must be distinct seeds >= 0, got [-1]"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_any_stage(tmp_path, capsys, flags, message):

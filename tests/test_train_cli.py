@@ -196,6 +196,14 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         # Lightning's and torch's own checks of a value: one line naming the key
         (["--trainer.max_steps=-5"], "trainer: `max_steps` must be a non-negative integer or -1"),
         (["--model.init_args.optimizer.init_args.lr=-1"], "model.init_args.optimizer: Invalid learning rate"),
+        (["--trainer.strategy=bogus"], "trainer: You selected an invalid strategy name: `strategy='bogus'`"),
+        # values that train without an error, but nothing (beta 0) or towards the bias (beta < 0)
+        (["--model.init_args.objective.init_args.beta=0"], "objective: beta must be > 0, got 0.0"),
+        (["--model.init_args.objective.init_args.beta=-1"], "objective: beta must be > 0, got -1.0"),
+        (
+            ["--model.init_args.ema_decay=1.5"],
+            "model: ema_decay must be in (0, 1) (or null for none), got 1.5",
+        ),
         (
             [
                 "--model.init_args.lr_scheduler.class_path=popalign.optim.CosineWithWarmup",
@@ -209,6 +217,15 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         assert len(err) <= 2 and err[-1].startswith("train.py: error:") and message in err[-1], err
     # each refused before the logger makes a run folder (one holding only a config would be left)
     assert not (tmp_path / "runs/tiny/logs").exists(), list((tmp_path / "runs/tiny/logs").rglob("*"))
+    # validate without validation shards; test and predict, which this module cannot run
+    err = _fails(capsys, ["validate", "--config", CONFIG, *QUIET])
+    assert (
+        err[-1]
+        == "train.py: error: validate needs validation shards: pass --data.val_shards (popalign build's --out)"
+    )
+    for sub in ("test", "predict"):
+        err = _fails(capsys, [sub, "--config", CONFIG])
+        assert "invalid choice: '" + sub + "' (choose from 'fit', 'validate')" in err[0], err
     # parse errors: the refused key, without the page of usage text before it
     for args, message in (
         (["--model.init_args.lr=1e-3"], "Option 'lr' is not accepted"),

@@ -243,6 +243,8 @@ def test_cli_world_command(tiny_base, tmp_path, monkeypatch, capsys):
     assert str(tiny_base) in capsys.readouterr().out
     assert cli_main(["world", "--out", str(tmp_path / "m"), "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+    assert cli_main(["world", "--out", str(tmp_path / "m"), "--seed", "-1"]) == 2  # was numpy's traceback
+    assert capsys.readouterr().err.strip() == "popalign world: error: --seed must be >= 0, got -1"
 
 
 @pytest.mark.slow

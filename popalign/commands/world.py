@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.evaluate < 0:
         raise UserError(f"--evaluate must be >= 0, got {args.evaluate}")
+    if args.seed < 0:  # numpy's generators take none
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     device = parse_device(args.device)
     torch.set_num_threads(args.threads)
 
