@@ -274,7 +274,10 @@ def export_checkpoint(
     """
     ckpt_path, out = Path(ckpt), Path(out)
     torch_dtype = parse_dtype(dtype)
-    check_export_out(out, overwrite)
+    # a training run or a base model folder is never replaced, --overwrite or not
+    files.check_replaceable(
+        out, overwrite, is_export_output, "an export (no README.md model card of popalign export)"
+    )
     # read every input before the slow part, so a bad file fails fast
     checkpoint = load_training_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
@@ -342,19 +345,6 @@ def is_export_output(folder: Path) -> bool:
     except yaml.YAMLError:
         return False
     return isinstance(meta, dict) and "popalign" in (meta.get("tags") or [])
-
-
-def check_export_out(out: Path, overwrite: bool) -> None:
-    """``out`` may be absent, empty, or with ``overwrite`` an earlier export; a file or a folder of
-    anything else (a training run, a base model) is never replaced."""
-    if out.is_dir() and any(out.iterdir()) and not is_export_output(out):  # advice that would fail: none
-        raise UserError(
-            f"{out}: does not look like an export (no README.md model card of popalign export); "
-            "--overwrite replaces only those: choose another --out"
-        )
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    files.check_out(out, overwrite)
 
 
 def push_folder_to_hub(folder: str | Path, repo: str, private: bool = False) -> Any:

@@ -14,7 +14,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,26 @@ def replace_folder(tmp: Path, out: Path) -> None:
     out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def check_replaceable(out: Path, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:
+    """:class:`UserError` before any work unless ``out`` may be written: absent, an empty folder, or
+    with ``overwrite`` a folder ``ours`` recognises as this command's output (described by ``what``).
+    A file, or a folder of anything else, is refused with or without ``overwrite``: no advice that
+    would fail."""
+    check_out(out, overwrite=True)  # below a file
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not ours(out):
+        raise UserError(
+            f"{out}: does not look like {what}; --overwrite replaces only those: choose another --out"
+        )
+    if not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite or choose another --out")
 
 
 def check_out(out: Path, overwrite: bool) -> None:

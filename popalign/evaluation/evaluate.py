@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from popalign import files
 from popalign.data.axes import BiasAxis, Intersection
 from popalign.errors import UserError
 from popalign.evaluation.config import EvalConfig
@@ -151,20 +152,9 @@ class Evaluator:
     def _check_out(self) -> None:
         """``--out`` may be absent, empty, or with ``--overwrite`` an earlier evaluation output; a
         folder of anything else is never replaced."""
-        out = self.out
-        if out is None or not out.exists():
-            return
-        if not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        if not any(out.iterdir()):
-            return
-        if not is_evaluation_output(out):  # refused with or without --overwrite: no advice that fails
-            raise UserError(
-                f"{out}: does not look like an evaluation output (no report.md and metrics.json of "
-                "popalign evaluate); --overwrite replaces only those: choose another --out"
-            )
-        if not self.config.overwrite:
-            raise UserError(f"{out}: already exists; pass --overwrite or choose another --out")
+        if self.out is not None:
+            what = "an evaluation output (no report.md and metrics.json of popalign evaluate)"
+            files.check_replaceable(self.out, self.config.overwrite, is_evaluation_output, what)
 
     def _load_fid(self) -> None:
         from popalign.metrics import FID, PixelStatsFeatures
