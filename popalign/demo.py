@@ -86,16 +86,14 @@ def check_settings(s: DemoSettings) -> dict:
     is a file, a training config that cannot be used (see :func:`load_config`), or an ``--out`` whose
     images were made with other sizes or another seed (see :func:`check_data_record`).
     """
-    for name in ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images"):
-        value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
-    for name in ("population_size", "groups_per_prompt", "threads"):
-        value = getattr(s, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
-    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or s.seed < 0:  # numpy refuses it later
-        raise UserError(f"{flag_of('seed')} must be an integer >= 0, got {s.seed!r}")
+    sizes = ("train_steps", "neutral_images", "augmented_images", "eval_images", "eval_specific_images")
+    optional = ("population_size", "groups_per_prompt", "threads")  # None: the config's or the default
+    for name in (*sizes, *optional, "seed"):
+        value, least = getattr(s, name), 0 if name == "seed" else 1  # numpy refuses a negative seed
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{flag_of(name)} must be an integer >= {least}, got {value!r}")
     if s.steps is not None and s.steps < 1:
         raise UserError(f"steps must be >= 1, got {s.steps}")
     if s.guidance_scale is not None and s.guidance_scale < 0:

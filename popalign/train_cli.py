@@ -159,14 +159,18 @@ class PopAlignCLI(LightningCLI):
             for shards in (self.datamodule.train_shards, self.datamodule.val_shards):
                 if shards:
                     expand_shards(shards)
-        if isinstance(self.model, PopAlignModule):
-            self.model.check_optimizer_config()  # an lr torch refuses: before the logger's run folder
         if not ckpt_path:
             refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
-        elif isinstance(self.model, PopAlignModule):  # another base, LoRA settings: before the run folder
-            model = self.model
-            folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-            check_before_fit(str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora)
+        model = self.model
+        if isinstance(model, PopAlignModule):  # what the run would refuse later, before its run folder
+            model.check_optimizer_config()  # an lr torch refuses
+            if ckpt_path:  # another base, other LoRA settings
+                folders = [
+                    c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)
+                ]
+                check_before_fit(
+                    str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora
+                )
         strategy = self.trainer.strategy
         if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
             return
