@@ -91,7 +91,7 @@ def check_replaceable(out: Path, overwrite: bool, ours: Callable[[Path], bool], 
     with ``overwrite`` a folder ``ours`` recognises as this command's output (described by ``what``).
     A file, or a folder of anything else, is refused with or without ``overwrite``: no advice that
     would fail."""
-    check_out(out, overwrite=True)  # below a file
+    check_no_file_above(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -106,10 +106,15 @@ def check_replaceable(out: Path, overwrite: bool, ours: Callable[[Path], bool], 
         raise UserError(f"{out}: already exists; pass --overwrite or choose another --out")
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
+def check_no_file_above(out: Path) -> None:
+    """:class:`UserError` before any work when ``out`` lies below a file (no folder can be made there)."""
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{out}: {parent} is a file, not a folder")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """:class:`UserError` before any work when ``out`` cannot be written: below a file, or taken."""
+    check_no_file_above(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from popalign.errors import UserError
 
     device = parse_device(args.device)
-    files.check_out(Path(args.out), overwrite=True)  # no folder can be made below a file
+    files.check_no_file_above(Path(args.out))
 
     settings = BuildSettings(
         args.population_size,

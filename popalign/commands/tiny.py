@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """:class:`UserError` for flags ``run`` cannot use, before anything is written."""
     from popalign.errors import UserError
-    from popalign.files import check_out
+    from popalign.files import check_no_file_above
 
     for name in ("groups", "population_size"):
         if getattr(args, name) < 1:
@@ -42,7 +42,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.out)
-    check_out(out, overwrite=True)  # a file above OUT
+    check_no_file_above(out)
     for path in (out, out / "model", out / "shards"):
         if path.exists() and not path.is_dir():
             raise UserError(f"{path}: is a file, not a folder")

@@ -291,7 +291,7 @@ def write_prompt_table(rows: Iterable[PromptRow], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder (--out takes the prompt table file to write)")
-    files.check_out(path, overwrite=True)  # no folder can be made below a file
+    files.check_no_file_above(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
