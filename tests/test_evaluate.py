@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import frechet_by_numpy
 from popalign.cli import main
 from popalign.data.classifiers import AttributeClassifier
 from popalign.evaluation.adherence import Adherence, WorldOccupationAdherence
+from popalign.evaluation.evaluate import Evaluator
 from popalign.evaluation.report import mean_ci, summarise
 from popalign.world import AXES_DIR, WorldSpec
 from popalign.world.render import render_batch
@@ -575,6 +577,22 @@ def test_missing_local_model_paths_are_not_looked_up_on_the_hub(
     assert (
         code == 2 and "error: exp/gone: no such local folder; as a hub id: " in err.strip().splitlines()[-1]
     )
+
+
+def test_images_folder_is_checked_before_the_classifier_is_loaded(tmp_path, capsys, monkeypatch):
+    # the default labeler (CLIP) would first ask the hub for its weights: retries, minutes offline
+    evaluate_module = sys.modules[Evaluator.__module__]
+
+    def no_classifier(*args, **kwargs):
+        raise AssertionError("the classifier was loaded before --images was checked")
+
+    monkeypatch.setattr(evaluate_module, "build_classifier", no_classifier)
+    (tmp_path / "notes").mkdir()
+    for folder, message in [(tmp_path / "gone", "images folder not found"), (tmp_path / "notes", "no images-r")]:
+        argv = ["evaluate", "--images", str(folder), "--axes", "gender", "--out", str(tmp_path / "e"), "--no-progress"]
+        code, err = _run(argv, capsys)
+        assert code == 2 and err.strip().splitlines()[-1].startswith(f"popalign evaluate: error: {folder}: "), err
+        assert message in err, err
 
 
 def test_fid_without_torch_fidelity_names_the_flag(tiny_model, prompt_files, tmp_path, capsys, monkeypatch):

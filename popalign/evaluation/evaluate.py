@@ -20,6 +20,7 @@ import numpy as np
 
 from popalign import files
 from popalign.data.axes import BiasAxis, Intersection
+from popalign.data.images import image_shards
 from popalign.errors import UserError
 from popalign.evaluation.config import EvalConfig
 from popalign.evaluation.inputs import (
@@ -129,7 +130,9 @@ class Evaluator:
         self.fid_reference = fid_reference_batches(config.fid_reference) if config.fid_reference else None
         self.axes, self.joint = resolve_axes(config)
         self.prompts: list[EvalPrompt] = []
-        if not config.images:
+        if config.images:
+            image_shards(config.images)  # before the labeler, which may first ask the hub for weights
+        else:
             self.prompts, self.notes = load_prompts(config, self.axes)
         self.classifier = (
             None if config.labels else build_classifier(config.classifier, self.axes, config.classifier_model)
