@@ -114,8 +114,11 @@ def test_world_adapter_reads_rendered_classes_in_the_axis_files_order(tmp_path):
 
 
 def test_world_adapter_rejects_other_axes_and_image_sizes():
-    with pytest.raises(UserError, match="not a world axis"):
+    with pytest.raises(UserError, match="not a world axis") as err:
         WorldAttributeClassifier(load_axes(["gender"]))
+    # the message shows where the world's axis files are, so a user can pass them from anywhere
+    for name in ("shirt", "tone"):
+        assert str(WORLD_DIR.resolve() / f"{name}.yaml") in str(err.value)
     clf = WorldAttributeClassifier(load_axes([WORLD_DIR / "shirt.yaml"]))
     with pytest.raises(UserError, match="world classifier"):
         clf.classify(np.zeros((1, 16, 16, 3), np.uint8))

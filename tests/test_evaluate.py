@@ -588,10 +588,24 @@ def test_images_folder_is_checked_before_the_classifier_is_loaded(tmp_path, caps
 
     monkeypatch.setattr(evaluate_module, "build_classifier", no_classifier)
     (tmp_path / "notes").mkdir()
-    for folder, message in [(tmp_path / "gone", "images folder not found"), (tmp_path / "notes", "no images-r")]:
-        argv = ["evaluate", "--images", str(folder), "--axes", "gender", "--out", str(tmp_path / "e"), "--no-progress"]
+    for folder, message in [
+        (tmp_path / "gone", "images folder not found"),
+        (tmp_path / "notes", "no images-r"),
+    ]:
+        argv = [
+            "evaluate",
+            "--images",
+            str(folder),
+            "--axes",
+            "gender",
+            "--out",
+            str(tmp_path / "e"),
+            "--no-progress",
+        ]
         code, err = _run(argv, capsys)
-        assert code == 2 and err.strip().splitlines()[-1].startswith(f"popalign evaluate: error: {folder}: "), err
+        assert code == 2 and err.strip().splitlines()[-1].startswith(
+            f"popalign evaluate: error: {folder}: "
+        ), err
         assert message in err, err
 
 

@@ -27,6 +27,7 @@ from popalign.data.prompts import (
     write_prompt_table,
 )
 from popalign.errors import UserError
+from popalign.world import AXES_DIR as WORLD_AXES_DIR
 
 GOOD_AXIS = {
     "name": "mood",
@@ -129,6 +130,11 @@ def test_bad_axis_yaml_names_file_and_problem(tmp_path, case):
 def test_unknown_axis_name_and_duplicate_axes():
     with pytest.raises(UserError, match="unknown axis 'hair'.*gender"):
         load_axes(["hair"])
+    # a synthetic-world axis by name: the error points at its file
+    with pytest.raises(UserError, match="unknown axis 'tone'") as err:
+        load_axes(["tone"])
+    assert str(WORLD_AXES_DIR.resolve() / "tone.yaml") in str(err.value)
+    assert load_axes([WORLD_AXES_DIR.resolve() / "tone.yaml"])[0].name == "tone"
     with pytest.raises(UserError, match="more than once"):
         load_axes(["gender", "gender"])
 

@@ -210,7 +210,9 @@ def load_axes(names_or_paths: Iterable[str | Path]) -> list[BiasAxis]:
         if NAME_RE.fullmatch(text) and not Path(text).is_file():
             path = AXES_DIR / f"{text}.yaml"
             if not path.is_file():
-                raise UserError(f"unknown axis {text!r}: shipped axes are {', '.join(shipped_axes())}")
+                raise UserError(
+                    f"unknown axis {text!r}: shipped axes are {', '.join(shipped_axes())}{_world_hint(text)}"
+                )
         else:
             path = Path(text)
             if not path.is_file():
@@ -221,6 +223,13 @@ def load_axes(names_or_paths: Iterable[str | Path]) -> list[BiasAxis]:
     if dups:
         raise UserError(f"axis {dups[0]!r} given more than once")
     return axes
+
+
+def _world_hint(name: str) -> str:
+    from popalign.world import AXES_DIR as WORLD_AXES_DIR
+
+    path = WORLD_AXES_DIR.resolve() / f"{name}.yaml"
+    return f"; the synthetic world's {name!r} axis is given as its file: {path}" if path.is_file() else ""
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,12 @@ class WorldAttributeClassifier(AttributeClassifier):
         self._order: dict[str, np.ndarray] = {}  # axis -> our index of each world class
         for axis in self.axes:
             if axis.name not in self.world.spec.axis_names:
+                from popalign.world import AXES_DIR
+
+                files = " ".join(str(AXES_DIR.resolve() / f"{n}.yaml") for n in self.world.spec.axis_names)
                 raise UserError(
-                    f"axis {axis.name!r} is not a world axis ({', '.join(self.world.spec.axis_names)})"
+                    f"axis {axis.name!r} is not a world axis; the world labeler reads "
+                    f"{', '.join(self.world.spec.axis_names)}, given as files: --axes {files}"
                 )
             world_classes = self.world.spec.axis(axis.name).classes
             if sorted(world_classes) != sorted(axis.class_names):
