@@ -60,10 +60,24 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):  # argparse's signature
         ns, extras = self.parse_known_args(args, namespace)
+        parser = getattr(ns, "_parser", self)
         if extras:
-            parser = getattr(ns, "_parser", self)
             parser.error(unrecognized_message(parser, extras))
+        empty = empty_argument(parser, ns)
+        if empty:
+            parser.error(f"argument {empty}: empty value (an unset shell variable?)")
         return ns
+
+
+def empty_argument(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> str | None:
+    """The first flag (or positional) given an empty string: no command takes one (``--out ""``
+    would otherwise mean the current folder)."""
+    for action in parser._actions:
+        value = getattr(ns, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(v == "" for v in values):
+            return "/".join(action.option_strings) or action.dest
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

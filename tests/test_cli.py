@@ -63,6 +63,22 @@ def test_invalid_choice_and_command_errors_are_unchanged(capsys):
     assert err[-1].startswith("popalign: error: argument COMMAND: invalid choice: 'nope'")
 
 
+def test_empty_values_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # `--out "$OUT"` with OUT unset: would otherwise write into the current folder
+    monkeypatch.chdir(tmp_path)
+    for args, name in [
+        (["tiny", "--out", ""], "--out"),
+        (["prompts", "--prompts", "x.txt", "--axes", "gender", "", "--out", "p.jsonl"], "--axes"),
+        (["export", "", "--out", "o"], "checkpoint"),
+    ]:
+        err = parse_error(args, capsys)
+        assert err[0].startswith(f"usage: popalign {args[0]} ")
+        assert (
+            err[-1] == f"popalign {args[0]}: error: argument {name}: empty value (an unset shell variable?)"
+        )
+    assert not list(tmp_path.iterdir())
+
+
 def test_config_out_is_where_configs_tiny_yaml_reads():
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     assert config["model"]["init_args"]["pretrained_model"] == f"{CONFIG_OUT}/model"
