@@ -121,23 +121,23 @@ def resolve_base(base: str, ckpt: dict, ckpt_path: str | Path) -> str:
     return str(found) if found is not None else base
 
 
-def _load_base_unet(base: str, ckpt_path: Path) -> nn.Module:
+def _load_base_unet(base: str, ckpt_path: Path, given: bool) -> nn.Module:
+    """The base's UNet; a failure blames ``--base`` when ``given``, else the checkpoint's record."""
     path = os.path.expanduser(base)
+    if given:
+        whose, advice = f"--base {base}", "pass a diffusers pipeline folder or hub id"
+    else:
+        whose, advice = f"{ckpt_path}: its base model {base}", "pass --base with the base it was trained on"
     if not os.path.isdir(path) and (os.path.exists(path) or not looks_like_hub_id(base)):
-        problem = "is not a folder" if os.path.exists(path) else "is not found (here or in the run's folders)"
-        raise UserError(
-            f"{ckpt_path}: its base model {base} {problem}; pass --base with the base it was trained on"
-        )
+        where = "" if given else " (here or in the run's folders)"
+        problem = "is not a folder" if os.path.exists(path) else f"is not found{where}"
+        raise UserError(f"{whose} {problem}; {advice}")
     try:
         return load_unet(path)
     except UserError as err:
-        raise UserError(
-            f"{ckpt_path}: base model: {err}; pass --base with the base it was trained on"
-        ) from err
+        raise UserError(f"{whose}: {err}; {advice}") from err
     except (OSError, ValueError) as err:  # hub id unknown/offline, or not a diffusers UNet
-        raise UserError(
-            f"{ckpt_path}: cannot load its base model {base!r} ({first_line(err)}); pass --base with the base"
-        ) from err
+        raise UserError(f"{whose}: cannot load it ({first_line(err)}); {advice}") from err
 
 
 def _check_finite(weights: dict[str, torch.Tensor], ckpt_path: Path) -> None:
@@ -198,8 +198,9 @@ def rebuild_policy(
     """The trained policy UNet in float32: ``base`` (default: the recorded one) + adapters + trained weights."""
     ckpt_path = Path(ckpt_path)
     hp = ckpt["hyper_parameters"]
+    given = base is not None
     base = base or resolve_base(hp["pretrained_model"], ckpt, ckpt_path)
-    unet = _load_base_unet(base, ckpt_path)
+    unet = _load_base_unet(base, ckpt_path, given)
     recorded = ckpt.get(FINGERPRINT_KEY)
     if recorded is not None and recorded != (found := base_fingerprint(unet)):
         raise UserError(
@@ -309,7 +310,7 @@ def export_checkpoint(
     for path in (ckpt_path, facts.base, config_path, data_summary, metrics):  # --overwrite removes out
         if path is not None and os.path.exists(path) and Path(path).resolve().is_relative_to(out.resolve()):
             raise UserError(f"{out}: holds {path}, which this export reads; choose another --out")
-    unet = rebuild_policy(checkpoint, ckpt_path, facts.base, ema=ema)
+    unet = rebuild_policy(checkpoint, ckpt_path, base, ema=ema)  # None: the recorded base
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = files.sibling(out, "partial")

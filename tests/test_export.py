@@ -219,6 +219,14 @@ def test_missing_base_and_base_override(full_run, tiny_model, tmp_path):
 
     ckpt = _rewrite(full_run[1], tmp_path / "moved.ckpt", move_base)
     _refuses("base model .* is not found", ckpt, ckpt=ckpt, out=tmp_path / "out")
+    # a --base that is wrong is blamed as the flag, not as the checkpoint's record
+    for wrong, problem in [(tmp_path / "typo", "is not found"), (tmp_path / "moved.ckpt", "is not a folder")]:
+        message = _refuses(problem, wrong, ckpt=ckpt, out=tmp_path / "out", base=str(wrong))
+        assert message.startswith(f"--base {wrong} {problem}; ") and "its base model" not in message
+    (tmp_path / "empty").mkdir()
+    empty = tmp_path / "empty"
+    message = _refuses("no 'unet/' folder", empty, ckpt=ckpt, out=tmp_path / "out", base=str(empty))
+    assert message.startswith(f"--base {empty}: ")
     moved = shutil.copytree(tiny_model, tmp_path / "new_machine" / "model")
     out = export_checkpoint(ckpt, tmp_path / "out", base=str(moved))
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
