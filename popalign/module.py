@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -23,10 +20,11 @@ from popalign.models.loading import (
     parse_dtype,
 )
 from popalign.objectives import Objective, ObjectiveOutput, PopAlignLoss
-from popalign.resume import apply_optimizer_settings, check_resumable, complete_state, optimizer_settings
+from popalign.optimizer_hooks import OptimizerHooks
+from popalign.resume import apply_optimizer_settings, check_resumable, complete_state
 
 
-class PopAlignModule(L.LightningModule):
+class PopAlignModule(OptimizerHooks):
     """Fine-tunes a diffusion UNet with a population-level preference objective.
 
     Each batch holds P preferred and P dispreferred latents (rows ``i`` and ``i + P`` form a pair from
@@ -281,156 +279,6 @@ class PopAlignModule(L.LightningModule):
         self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in out.metrics.items()}, batch_size=n, sync_dist=True)
 
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
-        params = self.trainable_parameters()
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
-        else:
-            optimizer = _configured("optimizer", self.optimizer_factory, params)
-        self._configured_optimizer = optimizer_settings(optimizer)  # before a schedule or a resume moves them
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def check_optimizer_config(self) -> None:
-        """Build the configured optimizer and schedule on a stand-in parameter, so that a value they
-        refuse (an ``lr`` below 0, ``total_steps`` not above ``warmup_steps``) stops the run before it
-        writes anything; other failures of the stand-in are left to :meth:`configure_optimizers`."""
-        if self.optimizer_factory is None:
-            return
-        try:
-            optimizer = _configured("optimizer", self.optimizer_factory, [nn.Parameter(torch.zeros(1))])
-            if self.lr_scheduler_factory is not None:
-                _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
-        except UserError:
-            raise
-        except Exception:  # noqa: BLE001 - e.g. an optimizer that wants GPU parameters: checked later
-            return
-
-    def optimizer_step(
-        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
-    ) -> None:
-        """The optimizer step, skipped when the gradients hold NaN/inf (``skip_nonfinite``).
-
-        Fused optimizers (``AdamW(fused=True)``, the SDXL configs' choice) skip on the device: they
-        read a ``found_inf`` flag as they do under a GradScaler, so the step needs no host sync and
-        the count is checked against ``max_nonfinite_steps`` at logging steps. Other optimizers
-        read the flag on the host (one sync) and skip at once. Under ``precision: 16-mixed`` the
-        GradScaler does this job and the guard stands aside (no ``train/grad_norm`` either).
-        """
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            # fp16 loss scaling: the GradScaler finds overflowing steps, skips them and lowers its
-            # scale; a second guard would count its routine overflows and keep it from adapting
-            optimizer.step(closure=optimizer_closure)
-            self._update_ema(applied=True, skipped=None)  # the scaler's rare skips still move the EMA
-            return
-        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
-        applied = [True]
-
-        def guarded_closure():
-            loss = optimizer_closure()
-            norm, applied[0] = self.guard_gradients(torch_optimizer)
-            if norm is not None:
-                self.log("train/grad_norm", norm, batch_size=1)
-            if applied[0]:
-                return loss
-            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
-            return None
-
-        optimizer.step(closure=guarded_closure)
-        self._update_ema(applied[0], self._step_skipped)
-        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
-        if (
-            _skips_on_device(torch_optimizer)
-            and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
-        ):
-            self._check_nonfinite_limit()  # a logging step reads the metrics back anyway
-
-    def guard_gradients(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, bool]:
-        """After backward: the gradient norm, and whether ``optimizer.step()`` may use the gradients.
-
-        With ``skip_nonfinite`` a NaN/inf norm skips the step: a fused ``optimizer`` gets the flag as
-        its ``found_inf`` (it skips on the device, no host sync, always ``True`` here); any other
-        costs one host sync and returns ``False`` (the caller drops the gradients). The norm is the
-        same number on every rank (DDP averaged the gradients, FSDP's norm is a collective), so
-        every rank skips the same steps.
-        """
-        norm = self._step_grad_norm = self._gradient_norm()  # configure_gradient_clipping reuses it
-        self._step_skipped = None
-        if norm is None or not self.skip_nonfinite:
-            return norm, True
-        bad = ~torch.isfinite(norm)
-        if _skips_on_device(optimizer):
-            optimizer.found_inf = self._step_skipped = bad.float()  # the fused kernels skip when 1
-            self.nonfinite_steps += bad
-            return norm, True
-        if not bad.item():  # the one host sync of the step
-            return norm, True
-        self.nonfinite_steps += 1
-        self._check_nonfinite_limit()
-        return norm, False
-
-    def _check_nonfinite_limit(self) -> None:
-        skipped = int(self.nonfinite_steps)
-        if skipped > self.max_nonfinite_steps:
-            raise RuntimeError(
-                f"{skipped} optimizer steps had NaN/inf gradients "
-                f"(limit max_nonfinite_steps={self.max_nonfinite_steps}); lower the learning rate or beta"
-            )
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: Any,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """``trainer.gradient_clip_val`` by norm with the norm :meth:`guard_gradients` took this step
-        (over all shards under FSDP, where Lightning refuses to clip), so the gradients are read once:
-        ``g <- g * min(1, clip / (norm + 1e-6))``, torch's ``clip_grad_norm_`` formula. Without that
-        norm (fp16 loss scaling, where the guard stands aside) clipping is Lightning's or FSDP's own."""
-        norm, self._step_grad_norm = self._step_grad_norm, None
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            if norm is not None:
-                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-                if grads:  # none when the guard dropped a non-finite step
-                    torch._foreach_mul_(grads, (gradient_clip_val / (norm + 1e-6)).clamp(max=1.0))
-                return
-            wrapped = self._fsdp_root()
-            if wrapped is not None:
-                wrapped.clip_grad_norm_(gradient_clip_val)
-                return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def _fsdp_root(self):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapped = self._trainer.model if self._trainer is not None else None
-        return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
-
-    def _gradient_norm(self) -> torch.Tensor | None:
-        """The 2-norm of all trainable gradients, over every rank's slice when FSDP shards them.
-
-        Under FSDP a rank may hold no gradient at all (its shard can be frozen weights), so the norm
-        comes from the root FSDP module's ``clip_grad_norm_`` with an infinite bound: a collective
-        every rank joins, and a multiplication by 1. Elsewhere gradients are whole on every rank.
-        """
-        wrapped = self._fsdp_root()
-        if wrapped is not None:
-            return wrapped.clip_grad_norm_(float("inf"))
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-    def _update_ema(self, applied: bool, skipped: torch.Tensor | None) -> None:
-        # once per optimizer step, not per micro-batch: under gradient accumulation a per-batch
-        # update would pull the average k times per step (decay d acting as d**k); steps the guard
-        # skipped leave it alone (on the host, or through the fused optimizer's on-device flag)
-        if self.ema is not None and applied:
-            self.ema.update(self.policy, skipped)
-
     # ------------------------------------------------------------------ checkpoints hold trainable state only
     def frozen_keys(self) -> set[str]:
         """State-dict keys of the frozen weights (the reference copy, LoRA's base), which checkpoints
@@ -477,20 +325,6 @@ class PopAlignModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             complete_state(state, self.state_dict(), self.frozen_keys(), self.ema)
-
-
-def _configured(key: str, factory: Any, arg: Any) -> Any:
-    # torch and popalign.optim check their arguments (a negative lr, betas outside [0, 1)) with a
-    # ValueError: the config's mistake, one line naming the key
-    try:
-        return factory(arg)
-    except ValueError as err:
-        raise UserError(f"model.init_args.{key}: {err}") from None
-
-
-def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    # fused Adam/AdamW/SGD read `found_inf` (GradScaler's flag) inside their kernels
-    return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def _with_source_captions(
