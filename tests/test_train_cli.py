@@ -364,3 +364,39 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_woul
     assert len(straight) == 7 and len(set(map(tuple, straight[:5]))) > 1
     assert trained == straight  # steps 1-2, then 3-5 (the rest of epoch 0) and 6-7 (epoch 1)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("length", "workers", "stop"),
+    [("5", 2, 10), ("null", 0, 6)],  # epochs of 5 batches; one pass of 3 batches (6 groups, 2 per batch)
+)
+def test_a_run_resumed_from_an_epochs_last_batch_trains_the_next_epoch(
+    tmp_path, monkeypatch, length, workers, stop
+):
+    # a checkpoint at the last batch of epoch 1 (step `stop`): the resumed run skipped epoch 2's
+    # batches (its loader state continued epoch 1's empty remainder, which Lightning trained as epoch 2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
+    trained: list[tuple[int, list[str]]] = []
+    step = PopAlignModule.training_step
+
+    def recording(self, batch, batch_idx):
+        trained.append((self.trainer.current_epoch, list(batch["keys"])))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    fit = [
+        "fit",
+        "--config",
+        CONFIG,
+        f"--data.num_workers={workers}",
+        f"--data.batches_per_epoch={length}",
+        *QUIET,
+    ]
+    cli_main([*fit, f"--trainer.max_steps={stop + 4}"])
+    straight, trained[:] = list(trained), []
+    assert [epoch for epoch, _ in straight[stop - 1 : stop + 1]] == [1, 2]  # `stop` ends epoch 1
+    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
+    cli_main([*fit, f"--trainer.max_steps={stop}"])
+    cli_main([*fit, f"--trainer.max_steps={stop + 4}", "--ckpt_path=last"])
+    assert trained == straight

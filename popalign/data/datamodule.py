@@ -186,10 +186,13 @@ class _EpochLoader(DataLoader):
     continues a pass where a checkpoint left it.
 
     Lightning keeps :meth:`state_dict` in checkpoints and hands it to :meth:`load_state_dict` on
-    resume: the epoch, and how many of the batches trained on (``trained_fn``: the trainer's count
-    this epoch; the loader runs ahead of training by Lightning's prefetch) each worker made. The
-    resumed pass of that epoch skips those, so training continues with the batches an uninterrupted
-    run would have trained on, not with the epoch's first ones again.
+    resume: the epoch, how many of the batches trained on (``trained_fn``: the trainer's count this
+    epoch; the loader runs ahead of training by Lightning's prefetch) each worker made, and whether
+    that was the whole pass. The resumed pass of that epoch skips those, so training continues with
+    the batches an uninterrupted run would have trained on, not with the epoch's first ones again.
+    A checkpoint taken at an epoch's last batch resumes before Lightning has moved to the next
+    epoch, yet Lightning trains the pass it asks for then as the next epoch: that pass is the next
+    epoch's, whole (an empty remainder would leave Lightning's next epoch without batches).
     """
 
     def __init__(
@@ -202,6 +205,7 @@ class _EpochLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._trained_fn, self._passes = epoch_fn, trained_fn, 0
         self._epoch, self._skipped, self._made_by = 0, [0] * self._workers, []  # this pass
+        self._ended = False  # this pass ran to its end
         self._resume: dict | None = None
 
     @property
@@ -213,7 +217,7 @@ class _EpochLoader(DataLoader):
         self._epoch = self._passes if epoch is None else epoch
         self._passes += 1
         self._skipped, first = self._resume_point()
-        self._made_by = []
+        self._made_by, self._ended = [], False
         self.dataset.set_epoch(self._epoch, self._skipped, first)
         return self._untagged(super().__iter__())
 
@@ -221,6 +225,7 @@ class _EpochLoader(DataLoader):
         for batch in batches:
             self._made_by.append(batch.pop(WORKER_KEY))
             yield batch
+        self._ended = True
 
     def state_dict(self) -> dict[str, Any]:
         trained = self._trained_fn() if self._trained_fn is not None else None
@@ -228,7 +233,14 @@ class _EpochLoader(DataLoader):
         counts = np.bincount(self._made_by[:made], minlength=self._workers) + self._skipped
         # the worker whose batch comes next (known when the loader ran ahead), else the round's turn
         following = self._made_by[made] if made < len(self._made_by) else int(counts.sum()) % self._workers
-        return {"epoch": self._epoch, "trained_per_worker": counts.tolist(), "next_worker": following}
+        length = self.dataset.batches_per_epoch
+        whole = counts.sum() >= length if length is not None else self._ended and made == len(self._made_by)
+        return {
+            "epoch": self._epoch,
+            "trained_per_worker": counts.tolist(),
+            "next_worker": following,
+            "complete": bool(whole),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
@@ -239,6 +251,10 @@ class _EpochLoader(DataLoader):
         if not state or state.get("epoch") != self._epoch:
             return [0] * self._workers, 0
         counts, n = [int(c) for c in state["trained_per_worker"]], self._workers
+        length = self.dataset.batches_per_epoch
+        if state.get("complete", length is not None and sum(counts) >= length):
+            self._epoch += 1  # Lightning trains this pass as the next epoch
+            return [0] * n, 0
         if len(counts) == n:
             return counts, int(state["next_worker"]) % n
         total = sum(counts)  # num_workers changed: batches went round-robin over the workers
