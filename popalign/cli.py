@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="popalign",
         description="Population-level alignment of text-to-image diffusion models. Stages: "
-        "prompts -> generate -> label -> build -> (python train.py fit) -> evaluate -> export.",
+        "prompts -> generate -> label -> build -> (python train.py fit) -> export -> evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"popalign {popalign.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

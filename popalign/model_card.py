@@ -158,10 +158,36 @@ def _compact(tree: Any) -> Any:
     return f"{len(tree)} items" if isinstance(tree, list) and len(tree) > 12 else tree
 
 
-def markdown_table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("metric", "value")) -> str:
-    """Two-column markdown table; floats to 4 significant digits, ``|`` escaped."""
-    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    return "\n".join(lines + [f"| {_cell(k)} | {_cell(v)} |" for k, v in rows])
+def markdown_table(rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("metric", "value")) -> str:
+    """Markdown table of ``rows`` under ``header``; floats to 4 significant digits, ``|`` escaped."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
+
+
+def evaluation_table(metrics: dict) -> str:
+    """The card's evaluation table. ``popalign evaluate``'s ``metrics.json`` gives its report.md rows:
+    one per scalar metric, with baseline and delta columns when it holds a baseline (intervals,
+    per-prompt rows, settings and notes stay in that file). Any other JSON gives every leaf as a row."""
+    if not isinstance(metrics.get("metrics"), dict):
+        rows = flatten(metrics)
+        return markdown_table(rows) if rows else "No values reported."
+    from popalign.evaluation.report import deltas
+    from popalign.evaluation.report import flatten as dotted
+
+    def scalars(tree: Any) -> dict[str, Any]:
+        number = (int, float)
+        return {
+            k: v
+            for k, v in dotted(tree).items()
+            if v is None or (isinstance(v, number) and not isinstance(v, bool))
+        }
+
+    model = scalars(metrics["metrics"])
+    if not isinstance(metrics.get("baseline"), dict):
+        return markdown_table(list(model.items()), ("metric", "model"))
+    base, delta = scalars(metrics["baseline"]), deltas(metrics["metrics"], metrics["baseline"])
+    rows = [(key, value, base.get(key), delta.get(key)) for key, value in model.items()]
+    return markdown_table(rows, ("metric", "model", "baseline", "delta"))
 
 
 def _init_args(spec: Any) -> dict:
@@ -281,8 +307,7 @@ def render_model_card(f: CardFacts) -> str:
     data_rows = flatten(_compact({k: v for k, v in data.items() if k not in _DATA_SKIP}))
     evaluation = ""
     if f.metrics is not None:
-        rows = flatten(f.metrics)
-        evaluation = "\n## Evaluation\n\n" + (markdown_table(rows) if rows else "No values reported.") + "\n"
+        evaluation = "\n## Evaluation\n\n" + evaluation_table(f.metrics) + "\n"
     license_line = (
         f"The base model's license applies: CreativeML Open RAIL++-M ({_SDXL_LICENSE_URL})."
         if sdxl

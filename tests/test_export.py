@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader
 from popalign.cli import main
 from popalign.errors import UserError
 from popalign.export import FINGERPRINT_KEY, base_fingerprint, export_checkpoint
-from popalign.model_card import CardFacts, flatten, markdown_table, read_mapping, render_model_card
+from popalign.model_card import (
+    CardFacts,
+    evaluation_table,
+    flatten,
+    markdown_table,
+    read_mapping,
+    render_model_card,
+)
 from popalign.models.loading import LORA_WEIGHT_NAME, load_unet
 from popalign.module import PopAlignModule
 from popalign.objectives import PopAlignLoss
@@ -401,6 +408,35 @@ def test_failed_write_leaves_no_folder(full_run, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the model card
+def test_card_shows_an_evaluate_metrics_json_as_its_report_rows():
+    # the shape `popalign evaluate` writes: a 129-line table of every leaf (prompt texts, notes,
+    # intervals, per-prompt rows) before; now its scalar metrics beside the baseline and the delta
+    metrics = {
+        "metrics": {"neutral.num_images": 24, "neutral.discrepancy": 0.25, "neutral.discrepancy_ci": [0.2, 0.3],
+                    "neutral.discrepancy_per_axis": {"shirt": 0.5}, "neutral.distribution": [0.5, 0.5], "fid": None},
+        "baseline": {"neutral.num_images": 24, "neutral.discrepancy": 0.75, "neutral.discrepancy_ci": [0.7, 0.8],
+                     "neutral.discrepancy_per_axis": {"shirt": 0.625}, "neutral.distribution": [1.0, 0.0], "fid": None},
+        "per_prompt": [{"prompt_id": "p0000", "prompt": "a photo of a doctor", "discrepancy": 0.25}],
+        "delta": {"neutral.discrepancy": -0.5},
+        "settings": {"model": "m"},
+        "notes": ["CLIP score skipped: no --clip-model given"],
+    }  # fmt: skip
+    assert evaluation_table(metrics).splitlines() == [
+        "| metric | model | baseline | delta |",
+        "| --- | --- | --- | --- |",
+        "| neutral.num_images | 24 | 24 | – |",
+        "| neutral.discrepancy | 0.25 | 0.75 | -0.5 |",
+        "| neutral.discrepancy_per_axis.shirt | 0.5 | 0.625 | -0.125 |",
+        "| fid | – | – | – |",
+    ]
+    del metrics["baseline"]
+    assert evaluation_table(metrics).splitlines()[:3] == [
+        "| metric | model |",
+        "| --- | --- |",
+        "| neutral.num_images | 24 |",
+    ]
+
+
 def test_model_card_reads_config_summary_and_metrics(full_run, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
