@@ -355,16 +355,17 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
 def _fit(args: list[str]) -> None:
     """``train.py ARGS`` in this process. Lightning answers Ctrl-C with ``sys.exit(1)`` (and ignores
-    SIGINT from then on); here that becomes a ``KeyboardInterrupt`` again, with SIGINT's handler put
-    back, and a user error of the config a :class:`UserError`, so the demo reports either in one line."""
-    from popalign.train_cli import _build, _user_error_in, lightning_interrupt
+    SIGINT from then on) and SIGTERM with a ``SystemExit`` without a code; here either becomes a
+    ``KeyboardInterrupt`` again, with SIGINT's handler put back, and a user error of the config a
+    :class:`UserError`, so the demo reports either in one line (and does not go on to export)."""
+    from popalign.train_cli import _build, _user_error_in, lightning_interrupt, sigterm_stop
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     try:
         _build(args, True)
     except SystemExit as err:
-        if lightning_interrupt(err):
+        if lightning_interrupt(err) or sigterm_stop(err):
             raise KeyboardInterrupt from None
         if err.code:
             raise UserError(f"train.py {' '.join(args)}: exited with status {err.code}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import signal
 import sys
 import warnings
 import zipfile
@@ -295,14 +296,20 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
     """Build the CLI (and run the subcommand); a :class:`UserError` exits 2 with its one-line message,
     also when jsonargparse wrapped it (errors raised while it instantiates the model or data); Ctrl-C
-    exits 130 with one line, as the ``popalign`` stages do (Lightning's graceful shutdown exits 1)."""
+    exits 130 with one line, as the ``popalign`` stages do (Lightning's graceful shutdown exits 1), and
+    SIGTERM (a scheduler's preemption) exits 143 with one line (Lightning's stop would exit 0, as if the
+    run had finished)."""
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         return _build(args, run)
     except (KeyboardInterrupt, SystemExit) as stop:
+        resume = "resume from the last checkpoint with --ckpt_path last"
+        if sigterm_stop(stop):
+            print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         if isinstance(stop, SystemExit) and not lightning_interrupt(stop):
             raise
-        print("train.py: interrupted; resume from the last checkpoint with --ckpt_path last", file=sys.stderr)
+        print(f"train.py: interrupted; {resume}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
         user_error = _user_error_in(err)
@@ -332,6 +339,14 @@ def check_config_files(args: list[str]) -> None:
             raise UserError(f"{path}: not a text file (not UTF-8); --config takes a YAML file") from None
         except yaml.YAMLError as err:
             raise UserError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+
+
+def sigterm_stop(stop: BaseException) -> bool:
+    """Whether ``stop`` is Lightning stopping fit on SIGTERM: its handler sets a flag and the loop raises
+    ``SIGTERMException``, a ``SystemExit`` without a code."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(stop, SIGTERMException)
 
 
 def lightning_interrupt(stop: SystemExit) -> bool:

@@ -42,3 +42,25 @@ def test_reduced_demo_debiases(world_base, tmp_path):
     assert aligned["specific_accuracy"] >= base["specific_accuracy"] - 0.08
     assert aligned["occupation_accuracy"] >= base["occupation_accuracy"] - 0.05
     assert (out / "eval" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
+def test_a_stopped_training_ends_the_demo_as_an_interruption(monkeypatch, stop):
+    # SIGTERM during training ended fit with a SystemExit without a code: the demo went on to export
+    # a checkpoint not yet written ("checkpoint not found", exit 2) instead of saying it was stopped
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import popalign.train_cli
+    from popalign.demo import _fit
+
+    def stopped(args, run):
+        if stop == "sigterm":
+            raise SIGTERMException
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1)  # Lightning's graceful shutdown after Ctrl-C  # noqa: B904
+
+    monkeypatch.setattr(popalign.train_cli, "_build", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(["fit", "--config", "x.yaml"])

@@ -339,6 +339,39 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
 
 
+def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    # a scheduler's preemption: Lightning stops fit with a SystemExit without a code, which exited 0
+    # as if the run had finished (and made the demo go on to export a checkpoint not yet written)
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+    step = PopAlignModule.training_step
+
+    def preempted(self, batch, batch_idx):
+        if self.trainer.global_step == 2:  # after the first checkpoint (every 2 steps)
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets a flag; the loop stops
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", *QUIET])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert stop.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", (
+        err
+    )
+    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    monkeypatch.setattr(PopAlignModule, "training_step", step)
+    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--ckpt_path=last", *QUIET])
+    assert cli.trainer.global_step == 6
+
+
 def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_would(
     tmp_path, monkeypatch, recwarn
 ):
