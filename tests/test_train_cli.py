@@ -433,3 +433,38 @@ def test_a_run_resumed_from_an_epochs_last_batch_trains_the_next_epoch(
     cli_main([*fit, f"--trainer.max_steps={stop}"])
     cli_main([*fit, f"--trainer.max_steps={stop + 4}", "--ckpt_path=last"])
     assert trained == straight
+
+
+@pytest.mark.parametrize(("workers", "boundary"), [(0, 6), (2, 4)])  # passes of 3 and of 4 batches
+def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches(
+    tmp_path, monkeypatch, workers, boundary
+):
+    # one pass over the shards per epoch: stopped at an epoch's end, resumed 2 steps into the next
+    # epoch, resumed again. Lightning counts that epoch's batches on from the finished one's there,
+    # so the second checkpoint recorded a batch only prefetched as trained, and the second resume
+    # skipped it
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
+    trained: list[list[str]] = []
+    step = PopAlignModule.training_step
+
+    def recording(self, batch, batch_idx):
+        trained.append(list(batch["keys"]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    fit = [
+        "fit",
+        "--config",
+        CONFIG,
+        f"--data.num_workers={workers}",
+        "--data.batches_per_epoch=null",
+        *QUIET,
+    ]
+    cli_main([*fit, "--trainer.max_steps=12"])
+    straight, trained[:] = list(trained), []
+    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
+    cli_main([*fit, f"--trainer.max_steps={boundary}"])
+    cli_main([*fit, f"--trainer.max_steps={boundary + 2}", "--ckpt_path=last"])
+    cli_main([*fit, "--trainer.max_steps=12", "--ckpt_path=last"])
+    assert trained == straight

@@ -206,6 +206,7 @@ class _EpochLoader(DataLoader):
         self._epoch_fn, self._trained_fn, self._passes = epoch_fn, trained_fn, 0
         self._epoch, self._skipped, self._made_by = 0, [0] * self._workers, []  # this pass
         self._ended = False  # this pass ran to its end
+        self._trained_before = 0  # what trained_fn counted before this pass began (see _resume_point)
         self._resume: dict | None = None
 
     @property
@@ -216,6 +217,7 @@ class _EpochLoader(DataLoader):
         epoch = self._epoch_fn()
         self._epoch = self._passes if epoch is None else epoch
         self._passes += 1
+        self._trained_before = 0
         self._skipped, first = self._resume_point()
         self._made_by, self._ended = [], False
         self.dataset.set_epoch(self._epoch, self._skipped, first)
@@ -228,7 +230,7 @@ class _EpochLoader(DataLoader):
         self._ended = True
 
     def state_dict(self) -> dict[str, Any]:
-        trained = self._trained_fn() if self._trained_fn is not None else None
+        trained = self._trained_fn() - self._trained_before if self._trained_fn is not None else None
         made = len(self._made_by) if trained is None else max(0, trained - sum(self._skipped))
         counts = np.bincount(self._made_by[:made], minlength=self._workers) + self._skipped
         # the worker whose batch comes next (known when the loader ran ahead), else the round's turn
@@ -254,6 +256,10 @@ class _EpochLoader(DataLoader):
         length = self.dataset.batches_per_epoch
         if state.get("complete", length is not None and sum(counts) >= length):
             self._epoch += 1  # Lightning trains this pass as the next epoch
+            if length is None and self._trained_fn is not None:
+                # not knowing the epoch's length, Lightning counts this epoch's batches on from the
+                # finished one's (a sized epoch's count it starts again from 0)
+                self._trained_before = self._trained_fn() or 0
             return [0] * n, 0
         if len(counts) == n:
             return counts, int(state["next_worker"]) % n
