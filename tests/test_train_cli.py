@@ -372,6 +372,27 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
     assert cli.trainer.global_step == 6
 
 
+def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int]):
+    """(epoch, batch keys) of every training step of a run of ``total`` steps, and of the same run
+    stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch)."""
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
+    trained: list[tuple[int, list[str]]] = []
+    step = PopAlignModule.training_step
+
+    def recording(self, batch, batch_idx):
+        trained.append((self.trainer.current_epoch, list(batch["keys"])))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    fit = ["fit", "--config", CONFIG, *flags, *QUIET]
+    cli_main([*fit, f"--trainer.max_steps={total}"])
+    straight, trained[:] = list(trained), []
+    shutil.rmtree("runs/tiny/checkpoints")
+    for i, stop in enumerate([*stops, total]):
+        cli_main([*fit, f"--trainer.max_steps={stop}", *(["--ckpt_path=last"] if i else [])])
+    return straight, trained
+
+
 def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_would(
     tmp_path, monkeypatch, recwarn
 ):
@@ -379,23 +400,9 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_woul
     # worker's share of the trained batches is skipped on resume (it restarted the epoch: the
     # resumed run trained on batches 1-3 again, and Lightning warned the loader was not resumable)
     monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
-    trained: list[list[str]] = []
-    step = PopAlignModule.training_step
-
-    def recording(self, batch, batch_idx):
-        trained.append(list(batch["keys"]))
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", recording)
-    fit = ["fit", "--config", CONFIG, "--data.num_workers=2", *QUIET]
-    cli_main([*fit, "--trainer.max_steps=7"])
-    straight, trained[:] = list(trained), []
-    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
-    cli_main([*fit, "--trainer.max_steps=2"])
-    cli_main([*fit, "--trainer.max_steps=7", "--ckpt_path=last"])
-    assert len(straight) == 7 and len(set(map(tuple, straight[:5]))) > 1
-    assert trained == straight  # steps 1-2, then 3-5 (the rest of epoch 0) and 6-7 (epoch 1)
+    straight, resumed = _straight_and_resumed(monkeypatch, ["--data.num_workers=2"], 7, [2])
+    assert len(straight) == 7 and len({tuple(keys) for _, keys in straight[:5]}) > 1
+    assert resumed == straight  # steps 1-2, then 3-5 (the rest of epoch 0) and 6-7 (epoch 1)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
@@ -409,30 +416,10 @@ def test_a_run_resumed_from_an_epochs_last_batch_trains_the_next_epoch(
     # a checkpoint at the last batch of epoch 1 (step `stop`): the resumed run skipped epoch 2's
     # batches (its loader state continued epoch 1's empty remainder, which Lightning trained as epoch 2)
     monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
-    trained: list[tuple[int, list[str]]] = []
-    step = PopAlignModule.training_step
-
-    def recording(self, batch, batch_idx):
-        trained.append((self.trainer.current_epoch, list(batch["keys"])))
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", recording)
-    fit = [
-        "fit",
-        "--config",
-        CONFIG,
-        f"--data.num_workers={workers}",
-        f"--data.batches_per_epoch={length}",
-        *QUIET,
-    ]
-    cli_main([*fit, f"--trainer.max_steps={stop + 4}"])
-    straight, trained[:] = list(trained), []
+    flags = [f"--data.num_workers={workers}", f"--data.batches_per_epoch={length}"]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, stop + 4, [stop])
     assert [epoch for epoch, _ in straight[stop - 1 : stop + 1]] == [1, 2]  # `stop` ends epoch 1
-    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
-    cli_main([*fit, f"--trainer.max_steps={stop}"])
-    cli_main([*fit, f"--trainer.max_steps={stop + 4}", "--ckpt_path=last"])
-    assert trained == straight
+    assert resumed == straight
 
 
 @pytest.mark.parametrize(("workers", "boundary"), [(0, 6), (2, 4)])  # passes of 3 and of 4 batches
@@ -444,27 +431,6 @@ def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches
     # so the second checkpoint recorded a batch only prefetched as trained, and the second resume
     # skipped it
     monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
-    trained: list[list[str]] = []
-    step = PopAlignModule.training_step
-
-    def recording(self, batch, batch_idx):
-        trained.append(list(batch["keys"]))
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", recording)
-    fit = [
-        "fit",
-        "--config",
-        CONFIG,
-        f"--data.num_workers={workers}",
-        "--data.batches_per_epoch=null",
-        *QUIET,
-    ]
-    cli_main([*fit, "--trainer.max_steps=12"])
-    straight, trained[:] = list(trained), []
-    shutil.rmtree(tmp_path / "runs/tiny/checkpoints")
-    cli_main([*fit, f"--trainer.max_steps={boundary}"])
-    cli_main([*fit, f"--trainer.max_steps={boundary + 2}", "--ckpt_path=last"])
-    cli_main([*fit, "--trainer.max_steps=12", "--ckpt_path=last"])
-    assert trained == straight
+    flags = [f"--data.num_workers={workers}", "--data.batches_per_epoch=null"]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 12, [boundary, boundary + 2])
+    assert resumed == straight
