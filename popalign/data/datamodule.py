@@ -230,7 +230,9 @@ class _EpochLoader(DataLoader):
         self._ended = True
 
     def state_dict(self) -> dict[str, Any]:
-        trained = self._trained_fn() - self._trained_before if self._trained_fn is not None else None
+        trained = self._trained_fn() if self._trained_fn is not None else None
+        if trained is not None:
+            trained -= self._trained_before
         made = len(self._made_by) if trained is None else max(0, trained - sum(self._skipped))
         counts = np.bincount(self._made_by[:made], minlength=self._workers) + self._skipped
         # the worker whose batch comes next (known when the loader ran ahead), else the round's turn
