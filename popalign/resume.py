@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from popalign.checkpointing import check_checkpoint_file
 from popalign.ema import EMA
 from popalign.errors import UserError
 from popalign.models.loading import FINGERPRINT_KEY
@@ -105,12 +106,15 @@ def check_before_fit(
     """:func:`check_resumable` on a local checkpoint file before the run starts (no logger folder, no
     strategy set-up yet), read through a memory map with ``weights_only``: the resume repeats it.
 
-    ``ckpt_path`` is ``--ckpt_path`` (``last`` is looked up in ``folders``); sharded checkpoint folders,
-    remote paths and files that ``weights_only`` cannot read are left to the check at load time.
+    ``ckpt_path`` is ``--ckpt_path`` (``last`` is looked up in ``folders``, and refused in one line when
+    it is not a whole checkpoint file); sharded checkpoint folders, remote paths and files that
+    ``weights_only`` cannot read are left to the check at load time.
     """
     path = last_checkpoint(folders) if ckpt_path == "last" else Path(ckpt_path)
     if path is None or not path.is_file():
         return
+    if ckpt_path == "last":  # a path given is checked as the command line is parsed
+        check_checkpoint_file(path, ckpt_path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError):  # other objects in it: Lightning loads it its way

@@ -13,15 +13,19 @@ import re
 import signal
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import Logger
 
+from popalign.checkpointing import (
+    CKPT_NAMES,
+    check_ckpt_path,
+    prepare_checkpointing,
+    refuse_earlier_checkpoints,
+)
 from popalign.data.datamodule import PopulationDataModule
 from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
@@ -110,8 +114,10 @@ class PopAlignCLI(LightningCLI):
       base model, full vs LoRA) and logs the others;
     - one optimizer knob (``model.init_args.optimizer``): no top-level ``--optimizer`` that would
       replace it unannounced;
-    - a ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the
-      logger, not into the run's ``version_N`` folder, so ``--ckpt_path last`` finds it next time;
+    - checkpoints (:func:`popalign.checkpointing.prepare_checkpointing`): a ``ModelCheckpoint`` without
+      ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of the logger, not into the run's
+      ``version_N`` folder, so ``--ckpt_path last`` finds it next time; ``last.ckpt`` is the final
+      step; files are written whole (never a truncated checkpoint);
     - ``--ckpt_path`` is checked before anything starts (one line for a missing or broken file), and
       a full checkpoint file is not handed to Lightning's plain ``fsdp`` (see :meth:`before_fit`).
     """
@@ -176,7 +182,7 @@ class PopAlignCLI(LightningCLI):
         if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
             return
         if Path(ckpt_path).is_dir() or (
-            str(ckpt_path) in _CKPT_NAMES and strategy._state_dict_type == "sharded"
+            str(ckpt_path) in CKPT_NAMES and strategy._state_dict_type == "sharded"
         ):
             return
         raise UserError(
@@ -210,23 +216,9 @@ class PopAlignCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # max_steps -5, strategy bogus: one line
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
-        fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
+        prepare_checkpointing(trainer)
         tidy_rich_progress_bar(trainer.callbacks)
         return trainer
-
-
-def fixed_checkpoint_dirs(callbacks: list, logger: Logger | None) -> None:
-    """Give every ``ModelCheckpoint`` without ``dirpath`` the folder ``<save_dir>/<name>/checkpoints``.
-
-    Lightning's default is the logger's ``version_N/checkpoints``; a restarted run gets a new version,
-    so ``--ckpt_path last`` would find nothing there and start from scratch with only a warning.
-    """
-    if logger is None or logger.save_dir is None:
-        return
-    folder = Path(logger.save_dir) / str(logger.name or "") / "checkpoints"
-    for callback in callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str(folder)
 
 
 class TidyRichProgressBar(RichProgressBar):
@@ -255,42 +247,6 @@ def tidy_rich_progress_bar(callbacks: list) -> None:
     for callback in callbacks:
         if type(callback) is RichProgressBar:
             callback.__class__ = TidyRichProgressBar
-
-
-def refuse_earlier_checkpoints(callbacks: list) -> None:
-    """:class:`UserError` when a ``ModelCheckpoint``'s folder already holds checkpoints (``*.ckpt``)."""
-    for callback in callbacks:
-        folder = (
-            Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
-        )
-        found = folder.glob("*.ckpt") if folder and folder.is_dir() else []
-        earlier = sorted((p.name for p in found), key=lambda name: (not name.startswith("last"), name))
-        if earlier:
-            shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
-            raise UserError(
-                f"{folder}: holds the checkpoints of an earlier run ({shown}); continue it with --ckpt_path "
-                "last, or move them away to start afresh (or give this run another folder: the "
-                "ModelCheckpoint's dirpath in the config)"
-            )
-
-
-_CKPT_NAMES = ("last", "best", "hpc", "registry")
-
-
-def check_ckpt_path(ckpt_path: str | None) -> None:
-    """A local ``--ckpt_path`` must be a checkpoint file (a zip archive) or a sharded checkpoint folder."""
-    if (
-        not ckpt_path
-        or str(ckpt_path) in _CKPT_NAMES
-        or str(ckpt_path).startswith("registry:")
-        or "://" in str(ckpt_path)
-    ):
-        return
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint not found (--ckpt_path)")
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive: truncated, or another format)")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:

@@ -372,6 +372,28 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
     assert cli.trainer.global_step == 6
 
 
+def test_last_checkpoint_is_the_final_step_and_a_truncated_one_is_refused(tmp_path, monkeypatch, capsys):
+    # checkpoints every 2 steps, 3 steps: Lightning left last.ckpt at step 2 (it saves `last` at the end
+    # only when nothing was saved before), so a resume or an export took a step that was not the last
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=3", *QUIET])
+    last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+
+    # a truncated last.ckpt (a copy cut short): one line naming it, not a traceback from the zip reader
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+    capsys.readouterr()
+    err = _fails(capsys, ["fit", "--config", CONFIG, "--trainer.max_steps=4", "--ckpt_path=last", *QUIET])
+    assert err[-1] == (
+        f"train.py: error: {last.resolve()}: not a PyTorch checkpoint (not a zip archive: truncated, or "
+        "another format) (--ckpt_path last resolves to it); resume from another of the run's "
+        "checkpoints: --ckpt_path FILE"
+    ), err
+
+
 def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int]):
     """(epoch, batch keys) of every training step of a run of ``total`` steps, and of the same run
     stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch)."""

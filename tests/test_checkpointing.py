@@ -1,0 +1,76 @@
+"""How train.py writes checkpoints: whole files only, not through $TMPDIR, and the trainer set-up."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from popalign.checkpointing import FinalStepCheckpoint, WholeFileCheckpointIO, prepare_checkpointing
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_a_checkpoint_is_written_beside_its_target_not_in_tmpdir(tmp_path, monkeypatch):
+    # Lightning's writer stages the file in $TMPDIR and moves it: a copy, cut short by a kill, when the
+    # checkpoint folder is on another filesystem; here $TMPDIR cannot be written at all
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    WholeFileCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    io = WholeFileCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        io.save_checkpoint({"weights": torch.zeros(1000), "broken": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_killed_writers_temporary_goes_once_the_checkpoint_is_whole(tmp_path):
+    stale = tmp_path / ".last.ckpt.tmp-999999"  # a process killed while writing last.ckpt
+    other = tmp_path / ".epoch=0-step=2.ckpt.tmp-999999"  # another checkpoint's: not this save's business
+    stale.write_bytes(b"half")
+    other.write_bytes(b"half")
+    WholeFileCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
+    assert sorted(os.listdir(tmp_path)) == [other.name, "last.ckpt"]
+
+
+def _trainer(tmp_path, callbacks, plugins=None) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=callbacks, plugins=plugins, accelerator="cpu"
+    )
+
+
+def test_prepare_checkpointing_swaps_in_popaligns_writer_and_last_checkpoint(tmp_path):
+    plain = ModelCheckpoint(dirpath=tmp_path / "a", save_last=True)
+    trainer = _trainer(tmp_path, [plain])
+    prepare_checkpointing(trainer)
+    assert type(plain) is FinalStepCheckpoint and plain.save_last is True
+    assert type(trainer.strategy.checkpoint_io) is WholeFileCheckpointIO
+
+
+def test_prepare_checkpointing_keeps_a_writer_and_a_checkpoint_class_the_config_chose(tmp_path):
+    class MyIO(TorchCheckpointIO):
+        pass
+
+    class MyCheckpoint(ModelCheckpoint):
+        pass
+
+    mine = MyCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer = _trainer(tmp_path, [mine], plugins=[MyIO()])
+    prepare_checkpointing(trainer)
+    assert type(mine) is MyCheckpoint
+    assert type(trainer.strategy.checkpoint_io) is MyIO
