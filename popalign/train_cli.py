@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import yaml
@@ -218,6 +219,7 @@ class PopAlignCLI(LightningCLI):
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         prepare_checkpointing(trainer)
         tidy_rich_progress_bar(trainer.callbacks)
+        _TRAINERS.add(trainer)
         return trainer
 
 
@@ -254,21 +256,21 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
     also when jsonargparse wrapped it (errors raised while it instantiates the model or data); Ctrl-C
     exits 130 with one line, as the ``popalign`` stages do (Lightning's graceful shutdown exits 1), and
     SIGTERM (a scheduler's preemption) exits 143 with one line (Lightning's stop would exit 0, as if the
-    run had finished)."""
+    run had finished; see :func:`sigterm_stop`)."""
+    resume = "resume from the last checkpoint with --ckpt_path last"
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         return _build(args, run)
-    except (KeyboardInterrupt, SystemExit) as stop:
-        resume = "resume from the last checkpoint with --ckpt_path last"
+    except BaseException as stop:  # noqa: BLE001 - re-raised unless it is one of the stops below
         if sigterm_stop(stop):
             print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
-        if isinstance(stop, SystemExit) and not lightning_interrupt(stop):
-            raise
-        print(f"train.py: interrupted; {resume}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
-        user_error = _user_error_in(err)
+        if isinstance(stop, KeyboardInterrupt) or (
+            isinstance(stop, SystemExit) and lightning_interrupt(stop)
+        ):
+            print(f"train.py: interrupted; {resume}", file=sys.stderr)
+            raise SystemExit(130) from None
+        user_error = _user_error_in(stop)
         if user_error is None:
             raise
         print(f"train.py: error: {user_error}", file=sys.stderr)
@@ -297,12 +299,27 @@ def check_config_files(args: list[str]) -> None:
             raise UserError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
 
 
+#: the trainers the current run built (weakly held), so a stop can tell whether SIGTERM reached one
+_TRAINERS: weakref.WeakSet = weakref.WeakSet()
+
+
 def sigterm_stop(stop: BaseException) -> bool:
-    """Whether ``stop`` is Lightning stopping fit on SIGTERM: its handler sets a flag and the loop raises
-    ``SIGTERMException``, a ``SystemExit`` without a code."""
+    """Whether ``stop`` ends a run that SIGTERM stopped.
+
+    Lightning's handler sets a flag and its loop raises ``SIGTERMException`` (a ``SystemExit`` without
+    a code) after the current step. A scheduler signals the whole process group, though: DataLoader
+    workers die of the same SIGTERM, and the DataLoader reports that as a ``RuntimeError`` wherever the
+    main process is, before the loop's check or while it tears down. So: a ``SIGTERMException`` in the
+    chain of exceptions, or any exception once a trainer of this process has received SIGTERM."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    return isinstance(stop, SIGTERMException)
+    seen = set()
+    while stop is not None and id(stop) not in seen:
+        if isinstance(stop, SIGTERMException):
+            return True
+        seen.add(id(stop))
+        stop = stop.__context__
+    return any(trainer.received_sigterm for trainer in _TRAINERS)
 
 
 def lightning_interrupt(stop: SystemExit) -> bool:
@@ -325,6 +342,7 @@ def _user_error_in(err: BaseException | None) -> UserError | None:
 
 def _build(args: list[str] | None, run: bool) -> PopAlignCLI:
     register_strategy()  # --trainer.strategy fsdp_blocks
+    _TRAINERS.clear()  # an earlier run's SIGTERM (the demo's, a test's) says nothing about this one
     with warnings.catch_warnings():
         # Lightning warns when args= is given while sys.argv holds a command line: exactly the demo's
         # case (`popalign demo ...` runs the training in-process with its own arguments)

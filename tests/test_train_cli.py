@@ -372,6 +372,47 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
     assert cli.trainer.global_step == 6
 
 
+def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    # a scheduler signals the whole process group: the DataLoader workers die of the same SIGTERM (torch's
+    # worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that as a
+    # RuntimeError (a traceback, exit 1) wherever the run was
+    import multiprocessing
+    import os
+    import subprocess
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
+    capsys.readouterr()
+    step = PopAlignModule.training_step
+    signalled = []
+
+    def preempted(self, batch, batch_idx):
+        if self.trainer.global_step == 2 and not signalled:
+            signalled.extend(w.pid for w in multiprocessing.active_children())
+            pids = [str(pid) for pid in (*signalled, os.getpid())]
+            subprocess.run(["kill", "-s", "TERM", *pids], check=True)  # sent by another process
+            time.sleep(2)  # the workers' deaths reach this process while it is inside the step
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--data.num_workers=2", *QUIET])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert len(signalled) == 2, "two data workers and this process get the signal"
+    assert stop.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", (
+        err
+    )
+    assert not any("Traceback" in line for line in err), err
+
+
 def test_last_checkpoint_is_the_final_step_and_a_truncated_one_is_refused(tmp_path, monkeypatch, capsys):
     # checkpoints every 2 steps, 3 steps: Lightning left last.ckpt at step 2 (it saves `last` at the end
     # only when nothing was saved before), so a resume or an export took a step that was not the last
