@@ -98,6 +98,7 @@ BAD_AXES = {
     "missing name": (_with(name=None), "missing 'name'"),
     "missing classes": (_with(classes=None), "missing 'classes'"),
     "empty classes": (_with(classes=[]), "non-empty list"),
+    "one class": (_with(classes=[{"name": "a"}], target=None), "at least two classes (it has 1)"),
     "duplicate classes": (_with(classes=[{"name": "a"}, {"name": "a"}], target=None), "duplicate class"),
     "target too short": (_with(target=[1.0]), "1 values for 2 classes"),
     "negative target": (_with(target=[1.5, -0.5]), ">= 0"),

@@ -67,8 +67,10 @@ class BiasAxis:
             raise ValueError(
                 f"invalid placeholder {self.placeholder!r}: a name like 'identity' ('subject' is taken)"
             )
-        if not names:
-            raise ValueError("an axis needs at least one class")
+        if len(names) < 2:  # one class: every population is already "balanced", nothing to learn
+            raise ValueError(
+                f"an axis needs at least two classes (it has {len(names)}): one has nothing to balance"
+            )
         for n in names:
             if not n or JOINT_SEP in n or n != n.strip() or n == UNKNOWN:
                 raise ValueError(
