@@ -17,8 +17,8 @@ import torch
 
 from popalign.cli import main
 from popalign.data.axes import load_axes
-from popalign.data.generate import load_pipeline
 from popalign.data.images import iter_image_samples
+from popalign.data.pipeline import load_pipeline
 from popalign.data.prompts import expand_prompts, write_prompt_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub

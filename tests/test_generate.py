@@ -17,9 +17,9 @@ from popalign.data.generate import (
     generate,
     image_seed,
     record_settings,
-    sample,
 )
 from popalign.data.images import completed_prompts, iter_image_samples, prompt_records
+from popalign.data.pipeline import sample
 from popalign.data.prompts import read_prompt_table
 from popalign.errors import UserError
 
@@ -208,7 +208,7 @@ def test_loaders_ask_for_the_dtype_without_the_deprecated_argument(tiny_model):
     import warnings
 
     from popalign.data.encode import TextEncoders
-    from popalign.data.generate import load_pipeline
+    from popalign.data.pipeline import load_pipeline
     from popalign.models.loading import load_unet
 
     with warnings.catch_warnings(record=True) as caught:

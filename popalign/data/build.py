@@ -42,9 +42,9 @@ from popalign.data.encode import (
     require_components,
     time_ids,
 )
-from popalign.data.generate import _component_path
 from popalign.data.images import image_shards, iter_image_samples
 from popalign.data.label import read_labels
+from popalign.data.pipeline import component_kwargs
 from popalign.data.prompts import PromptRow, read_prompt_table
 from popalign.errors import UserError, first_line
 
@@ -111,7 +111,7 @@ def _vae_geometry(source: str) -> tuple[int, int]:
     from diffusers import AutoencoderKL
 
     try:
-        cfg = AutoencoderKL.load_config(source, **_component_path(source, "vae"))
+        cfg = AutoencoderKL.load_config(source, **component_kwargs(source, "vae"))
     except (OSError, ValueError) as err:
         raise UserError(f"{source}: cannot read the VAE config ({first_line(err)})") from None
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
@@ -351,7 +351,7 @@ def build_populations(
 
         source = vae or model
         net = AutoencoderKL.from_pretrained(
-            source, **dtype_kwarg(torch.float32), **_component_path(source, "vae")
+            source, **dtype_kwarg(torch.float32), **component_kwargs(source, "vae")
         )
         net.to(device).eval()
         for start in range(0, len(missing), 16):

@@ -149,7 +149,8 @@ class Batch:
 
 def sampled_batches(pipe: Any, prompts: Sequence[EvalPrompt], config: EvalConfig) -> Iterator[Batch]:
     """Sample ``config.images_for(kind)`` images of every prompt with ``generate``'s per-image seeds."""
-    from popalign.data.generate import image_seed, sample
+    from popalign.data.generate import image_seed
+    from popalign.data.pipeline import sample
 
     jobs = [(p, i) for p in prompts for i in range(config.images_for(p.kind))]
     for start in range(0, len(jobs), config.batch_size):
@@ -207,7 +208,7 @@ def load_model(config: EvalConfig, model: str, unet: str | None = None, lora: st
     """``generate``'s pipeline loader plus checks that the parts fit together (one-line errors)."""
     import torch
 
-    from popalign.data.generate import load_pipeline
+    from popalign.data.pipeline import load_pipeline
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     part = lora or unet or model

@@ -164,7 +164,8 @@ class FairnessValidation(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[list[int], np.ndarray, np.ndarray]:
         """This rank's ``(prompt indices per image, labels [N, A], images [N, H, W, 3])``."""
-        from popalign.data.generate import image_seed, sample
+        from popalign.data.generate import image_seed
+        from popalign.data.pipeline import sample
 
         pipe, policy = self._pipeline(pl_module), pl_module.policy
         parts = [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
