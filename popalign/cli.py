@@ -7,8 +7,9 @@ Every module in :mod:`popalign.commands` is a subcommand. A command module defin
 * ``run(args) -> int``: the work, importing heavy libraries inside.
 
 Errors the user can fix (bad files, bad flags) are raised as :class:`popalign.errors.UserError`
-and printed as one line with a non-zero exit, without a traceback; Ctrl-C prints one line and
-exits 130.
+and printed as one line with a non-zero exit, without a traceback. Ctrl-C prints one line and exits
+130, SIGTERM (a scheduler's preemption, ``kill``, ``timeout``) one line and 143: both stop the stage
+through its cleanup, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import argparse
 import difflib
 import importlib
 import pkgutil
+import signal
 import sys
 
 import popalign.commands
 from popalign.errors import UserError
+from popalign.signals import Terminated, sigterm_interrupts
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -105,17 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``popalign ARGV``; returns the exit status (SIGTERM stops the stage as Ctrl-C does)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with sigterm_interrupts():
+            return int(args._run(args) or 0)
     except UserError as err:
         print(f"popalign {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # finished work is kept (stages write under temporary names): the same command resumes
-        print(f"popalign {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return stopped(args.command, stop)
+    except SystemExit as exit_:
+        # Lightning (generate on several devices) answers an interruption with sys.exit(1)
+        if not isinstance(exit_.__context__, KeyboardInterrupt):
+            raise
+        return stopped(args.command, exit_.__context__)
+
+
+def stopped(command: str, stop: KeyboardInterrupt) -> int:
+    """Say in one line that ``command`` was stopped (by Ctrl-C, or by SIGTERM: :class:`Terminated`);
+    returns the exit status, 128 + the signal's number."""
+    # finished work is kept (stages write under temporary names): the same command resumes
+    sigterm = isinstance(stop, Terminated)
+    how = "stopped by SIGTERM" if sigterm else "interrupted"
+    print(f"popalign {command}: {how}; run the same command again to resume", file=sys.stderr)
+    return 128 + int(signal.SIGTERM if sigterm else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 from popalign import files
 from popalign.errors import UserError
+from popalign.signals import Terminated
 
 WORLD_DIR = Path(__file__).parent / "world"
 WORLD_AXES = [str(WORLD_DIR / "axes" / "shirt.yaml"), str(WORLD_DIR / "axes" / "tone.yaml")]
@@ -355,9 +356,12 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
 def _fit(args: list[str]) -> None:
     """``train.py ARGS`` in this process. Lightning answers Ctrl-C with ``sys.exit(1)`` (and ignores
-    SIGINT from then on) and SIGTERM with a ``SystemExit`` without a code; here either becomes a
-    ``KeyboardInterrupt`` again, with SIGINT's handler put back, and a user error of the config a
-    :class:`UserError`, so the demo reports either in one line (and does not go on to export)."""
+    SIGINT from then on), and so the :class:`Terminated` the ``popalign`` command raises on SIGTERM;
+    without that command's handler, SIGTERM ends fit with a ``SystemExit`` without a code, and data
+    workers killed by the same SIGTERM with an error (see ``sigterm_stop``). Here these become a
+    ``KeyboardInterrupt`` or :class:`Terminated` again, with SIGINT's handler put back, and a user
+    error of the config a :class:`UserError`, so the demo reports either in one line (and does not go
+    on to export)."""
     from popalign.train_cli import _build, _user_error_in, lightning_interrupt, sigterm_stop
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -365,11 +369,15 @@ def _fit(args: list[str]) -> None:
     try:
         _build(args, True)
     except SystemExit as err:
-        if lightning_interrupt(err) or sigterm_stop(err):
+        if sigterm_stop(err) or (lightning_interrupt(err) and isinstance(err.__context__, Terminated)):
+            raise Terminated from None
+        if lightning_interrupt(err):
             raise KeyboardInterrupt from None
         if err.code:
             raise UserError(f"train.py {' '.join(args)}: exited with status {err.code}") from None
-    except Exception as err:  # noqa: BLE001 - re-raised unless a UserError is behind it
+    except Exception as err:  # noqa: BLE001 - re-raised unless SIGTERM or a UserError is behind it
+        if sigterm_stop(err):
+            raise Terminated from None
         user_error = _user_error_in(err)
         if user_error is None:
             raise

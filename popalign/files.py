@@ -4,7 +4,7 @@ half-written file or folder.
 A reader (or a resumed run) sees either the previous file or the complete new one: the text goes to a
 hidden temporary file beside ``path`` (named with the process id, so concurrent writers do not share
 it) and is renamed over ``path`` in one step. Folders are built under :func:`sibling` names and put in
-place with :func:`replace_folder`.
+place with :func:`replace_folder`; those a killed run left (its process gone) are removed by the next.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
@@ -53,8 +54,37 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def sibling(out: Path, tag: str) -> Path:
-    """A hidden, unused name beside ``out`` (a plain name: mkdtemp's folders would be private, mode 700)."""
+    """A hidden, unused name beside ``out`` (a plain name: mkdtemp's folders would be private, mode 700).
+
+    The folders of the same ``out`` and ``tag`` that a killed run left are removed first (see
+    :func:`remove_abandoned`)."""
+    remove_abandoned(out.parent, rf"\.{re.escape(out.name)}\.(\d+)-[0-9a-f]{{8}}\.{re.escape(tag)}")
     return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+
+
+def remove_abandoned(folder: Path, pattern: str) -> None:
+    """Remove the work folders in ``folder`` left by runs killed without a chance to clean up (SIGKILL,
+    a power loss): those whose whole name matches ``pattern``, a regular expression whose first group
+    is the id of the process that made the folder, when that process is no longer running here."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = re.fullmatch(pattern, path.name)
+        if match and path.is_dir() and not path.is_symlink() and not process_running(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # no process has such an id
+        return False
+    return True
 
 
 def new_file_mode(folder: Path) -> int:

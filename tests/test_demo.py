@@ -44,23 +44,47 @@ def test_reduced_demo_debiases(world_base, tmp_path):
     assert (out / "eval" / "report.md").is_file()
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl_c"])
+@pytest.mark.parametrize("stop", ["lightning_sigterm", "sigterm", "ctrl_c"])
 def test_a_stopped_training_ends_the_demo_as_an_interruption(monkeypatch, stop):
     # SIGTERM during training ended fit with a SystemExit without a code: the demo went on to export
-    # a checkpoint not yet written ("checkpoint not found", exit 2) instead of saying it was stopped
+    # a checkpoint not yet written ("checkpoint not found", exit 2) instead of saying it was stopped;
+    # and a stop by SIGTERM is told apart from Ctrl-C, for the popalign command's exit status
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     import popalign.train_cli
     from popalign.demo import _fit
+    from popalign.signals import Terminated
 
     def stopped(args, run):
-        if stop == "sigterm":
+        if stop == "lightning_sigterm":  # Lightning's own handler alone: it stops fit after the step
             raise SIGTERMException
-        try:
-            raise KeyboardInterrupt
+        try:  # Ctrl-C, or SIGTERM through the popalign command's handler, in a training step
+            raise Terminated if stop == "sigterm" else KeyboardInterrupt
         except KeyboardInterrupt:
-            raise SystemExit(1)  # Lightning's graceful shutdown after Ctrl-C  # noqa: B904
+            raise SystemExit(1)  # Lightning's graceful shutdown after a KeyboardInterrupt  # noqa: B904
 
     monkeypatch.setattr(popalign.train_cli, "_build", stopped)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
+        _fit(["fit", "--config", "x.yaml"])
+    assert type(info.value) is (KeyboardInterrupt if stop == "ctrl_c" else Terminated)
+
+
+def test_data_workers_killed_by_the_same_sigterm_end_the_demo_as_stopped(monkeypatch):
+    # a scheduler signals the whole process group: the DataLoader reports its killed workers as an
+    # error, which ended the demo with a traceback
+    from popalign import train_cli
+    from popalign.demo import _fit
+    from popalign.signals import Terminated
+
+    class Trainer:  # the run's trainer, as sigterm_stop reads it
+        received_sigterm = True
+
+    trainer = Trainer()
+
+    def workers_killed(args, run):
+        train_cli._TRAINERS.add(trainer)
+        raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
+
+    monkeypatch.setattr(train_cli, "_build", workers_killed)
+    with pytest.raises(Terminated):
         _fit(["fit", "--config", "x.yaml"])

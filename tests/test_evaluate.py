@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -492,6 +496,64 @@ def test_overwrite_replaces_only_an_evaluation_output(world_images, tmp_path, ca
     assert code == 0, err
     assert not (out / "images" / "stale.png").exists() and len(list((out / "images").glob("*.png"))) == 12
     assert json.loads((out / "metrics.json").read_text()) == first
+
+
+SLEEPY = '''
+import time
+from pathlib import Path
+
+from popalign.data.classifiers import AttributeClassifier
+
+
+class Sleepy(AttributeClassifier):
+    """Marks that it has started (a file beside this module), then sleeps: a run to stop."""
+
+    def classify(self, images):
+        (Path(__file__).parent / "classifying").touch()
+        time.sleep(60)
+'''
+
+
+def test_sigterm_stops_evaluate_with_one_line_and_no_stage_folder(world_images, tmp_path):
+    # a scheduler's SIGTERM ended Python at once: the hidden stage folder .eval.tmp-PID stayed
+    (tmp_path / "sleepy.py").write_text(SLEEPY)
+    out = tmp_path / "eval"
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    argv = [sys.executable, "-m", "popalign", "evaluate", "--images", str(world_images), "--axes", *WORLD_AXES,
+            "--classifier", "sleepy:Sleepy", "--bootstrap", "20", "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not (tmp_path / "classifying").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (tmp_path / f".eval.tmp-{proc.pid}").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # only when a failed check left it running
+    stopped = "popalign evaluate: stopped by SIGTERM; run the same command again to resume"
+    assert (proc.returncode, err.strip()) == (143, stopped)
+    assert not out.exists() and not list(tmp_path.glob(".eval*"))
+
+
+def test_the_stage_folders_of_killed_runs_are_removed(world_images, tmp_path, capsys):
+    # a run killed without a chance to clean up (SIGKILL, a power loss) left .eval.tmp-PID for good
+    dead = 2**22 + 1  # above Linux's largest process id: never running
+    live = os.getppid()
+    kept = [f".eval.tmp-{live}", f".eval.tmp-{dead}.x", f".evaluation.tmp-{dead}", f".eval.tmp-{dead}x"]
+    for name in [f".eval.tmp-{dead}", *kept]:
+        (tmp_path / name / "images").mkdir(parents=True)
+    argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
+            "--bootstrap", "20", "--out", str(tmp_path / "eval"), "--no-progress"]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", *kept])
 
 
 def test_specific_prompts_can_take_fewer_images():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -57,3 +58,23 @@ def test_jsonable_makes_strict_json():
     }
     assert type(out["int"]) is int and type(out["np"]) is float
     json.dumps(out, allow_nan=False)  # raises if anything non-strict is left
+
+
+def test_sibling_removes_the_folders_of_killed_runs(tmp_path):
+    # a run killed without a chance to clean up (SIGKILL, a power loss) left its hidden folder for good
+    dead = 2**22 + 1  # above Linux's largest process id: never running
+    live = os.getppid()
+    abandoned = f".model.{dead}-0123abcd.partial"
+    kept = [
+        f".model.{live}-0123abcd.partial",  # a running process's
+        f".model.{dead}-0123abcd.old",  # another tag
+        f".models.{dead}-0123abcd.partial",  # another output
+        f".model.{dead}-0123abcd.partial.x",
+        f".model.{dead}-notours.partial",
+    ]
+    for name in [abandoned, *kept]:
+        (tmp_path / name / "unet").mkdir(parents=True)
+    (tmp_path / f".model.{dead}-4567abcd.partial").write_text("a file, not a folder")
+    new = files.sibling(tmp_path / "model", "partial")
+    assert not new.exists() and new.name.startswith(f".model.{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, f".model.{dead}-4567abcd.partial"])

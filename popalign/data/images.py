@@ -115,7 +115,10 @@ class ImageShardWriter:
     def abort(self) -> None:
         """Drop the unfinished shard: its prompts stay pending."""
         if self._tar is not None:
-            self._file.close()
+            try:
+                self._tar.close()  # else the tar stream flushes into a closed file when collected
+            finally:
+                self._file.close()
             Path(f"{self._name()}.tmp").unlink(missing_ok=True)
             self._file = self._tar = None
 

@@ -277,11 +277,14 @@ class Evaluator:
 
     def _run(self) -> dict[str, Any]:
         import os
+        import re
         import shutil
 
         c = self.config
         stage = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}" if self.out else None
         if stage is not None:
+            # the stage folders of killed runs (their process gone) go, and this process's own
+            files.remove_abandoned(stage.parent, rf"\.{re.escape(self.out.name)}\.tmp-(\d+)")
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
         try:

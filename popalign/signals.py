@@ -1,0 +1,43 @@
+"""SIGTERM stops a ``popalign`` stage the way Ctrl-C does.
+
+A scheduler's preemption, ``kill``, ``timeout`` and ``docker stop`` send SIGTERM, on which Python ends
+at once: no ``finally`` runs and a stage's temporary files stay. Inside :func:`sigterm_interrupts`
+SIGTERM raises :class:`Terminated` instead, a ``KeyboardInterrupt``, so every cleanup that runs on
+Ctrl-C runs on SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (inside :func:`sigterm_interrupts`)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated`; the previous handler is put back after it.
+
+    Lightning adds its own handler during ``fit`` and calls this one after it, so SIGTERM then ends
+    fit like Ctrl-C: with ``sys.exit(1)`` while :class:`Terminated` is being handled. An ignored
+    SIGTERM stays ignored (as Python leaves an ignored SIGINT), and outside the main thread, where
+    Python cannot set handlers, SIGTERM keeps its handler."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which Python cannot put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
