@@ -15,7 +15,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from popalign import demo, files
-from popalign.demo import DATA_KEYS, FLAGS, REPORT_KEYS, DemoSettings, flag_of
+from popalign.demo import REPORT_KEYS
+from popalign.demo_settings import DATA_KEYS, FLAGS, DemoSettings, flag_of, load_config
 from popalign.errors import UserError
 
 COMPARE_OBJECTIVES = (
@@ -91,7 +92,7 @@ def run_compare(
         | {"steps": steps, "guidance_scale": guidance, "data": {k: getattr(s, k) for k in DATA_KEYS}},
         sort_keys=True,
     )
-    config = demo.load_config(s.config)  # part of every run's key
+    config = load_config(s.config)  # part of every run's key
     stage("evaluate the base model")
     key = hashlib.sha256(f"base {evaluation}".encode()).hexdigest()
     rows = {

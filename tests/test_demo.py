@@ -8,7 +8,8 @@ import shutil
 import pytest
 from conftest import all_threads
 
-from popalign.demo import DemoSettings, run_demo
+from popalign.demo import run_demo
+from popalign.demo_settings import DemoSettings
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from popalign import demo, demo_compare
+from popalign import demo, demo_compare, demo_settings
 from popalign.cli import main as cli_main
 from popalign.errors import UserError
 
@@ -56,7 +56,7 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 
 def _config(tmp_path, change) -> Path:
-    config = yaml.safe_load(demo.find_config().read_text())
+    config = yaml.safe_load(demo_settings.find_config().read_text())
     change(config)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -94,11 +94,11 @@ def test_missing_config(tmp_path, capsys):
 
 def test_other_sizes_or_seed_in_the_same_out_are_refused(tmp_path, capsys):
     out = tmp_path / "demo"
-    s = demo.DemoSettings(out=str(out), neutral_images=16, augmented_images=4)
-    demo.check_data_record(s, write=True)  # what make_shards records before generating
+    s = demo_settings.DemoSettings(out=str(out), neutral_images=16, augmented_images=4)
+    demo_settings.check_data_record(s, write=True)  # what make_shards records before generating
     assert json.loads((out / "demo_data.json").read_text())["neutral_images"] == 16
     (out / "images").mkdir()
-    demo.check_data_record(s)  # the same sizes: accepted
+    demo_settings.check_data_record(s)  # the same sizes: accepted
     code, err = _run(["--out", str(out), "--neutral-images", "8", "--augmented-images", "4"], capsys)
     assert code == 2 and "--neutral-images 16 (asked: 8)" in err and "--augmented-images" not in err
     assert "use another --out" in err and "\n" not in err
@@ -112,9 +112,11 @@ def test_images_without_a_record_are_refused(tmp_path):
     out = tmp_path / "demo"
     (out / "images").mkdir(parents=True)
     with pytest.raises(UserError, match="did not record its sizes"):
-        demo.check_data_record(demo.DemoSettings(out=str(out)))
+        demo_settings.check_data_record(demo_settings.DemoSettings(out=str(out)))
     (out / "images").rmdir()
-    demo.check_data_record(demo.DemoSettings(out=str(out)), write=True)  # no data yet: recorded
+    demo_settings.check_data_record(
+        demo_settings.DemoSettings(out=str(out)), write=True
+    )  # no data yet: recorded
 
 
 def test_stage_interrupt_is_one_line_and_130(tmp_path, capsys, monkeypatch):
@@ -199,7 +201,7 @@ def fake_training(monkeypatch):
 
 def test_training_resumes_or_is_reused(tmp_path, fake_training):
     calls, interrupt = fake_training
-    s, run = demo.DemoSettings(out=str(tmp_path), train_steps=30), tmp_path / "train"
+    s, run = demo_settings.DemoSettings(out=str(tmp_path), train_steps=30), tmp_path / "train"
     interrupt[0] = True
     with pytest.raises(KeyboardInterrupt):
         demo.train_and_export(s, tmp_path / "base", tmp_path / "shards", run, 0)
@@ -209,7 +211,7 @@ def test_training_resumes_or_is_reused(tmp_path, fake_training):
     assert calls[-1][-2:] == ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     demo.train_and_export(s, tmp_path / "base", tmp_path / "shards", run, 0)  # finished: not retrained
     assert len(calls) == 2
-    other = demo.DemoSettings(out=str(tmp_path), train_steps=40)  # another config: from step 0
+    other = demo_settings.DemoSettings(out=str(tmp_path), train_steps=40)  # another config: from step 0
     (run / "checkpoints" / "epoch=0-step=20.ckpt").write_text("stale")
     demo.train_and_export(other, tmp_path / "base", tmp_path / "shards", run, 0)
     assert len(calls) == 3 and "--ckpt_path" not in calls[-1]
@@ -219,7 +221,7 @@ def test_training_resumes_or_is_reused(tmp_path, fake_training):
 
 def test_a_decaying_schedule_spans_the_run(tmp_path, fake_training):
     calls, _ = fake_training
-    config = yaml.safe_load(demo.find_config().read_text())
+    config = yaml.safe_load(demo_settings.find_config().read_text())
     config["model"]["init_args"]["lr_scheduler"] = {
         "class_path": "popalign.optim.CosineWithWarmup",
         "init_args": {"total_steps": 1200, "warmup_steps": 10},
@@ -227,7 +229,7 @@ def test_a_decaying_schedule_spans_the_run(tmp_path, fake_training):
     path = tmp_path / "cosine.yaml"
     path.write_text(yaml.safe_dump(config))
     for steps, warmup in ((30, 10), (5, 4)):
-        s = demo.DemoSettings(out=str(tmp_path), config=str(path), train_steps=steps)
+        s = demo_settings.DemoSettings(out=str(tmp_path), config=str(path), train_steps=steps)
         demo.train_and_export(s, tmp_path / "base", tmp_path / "shards", tmp_path / f"t{steps}", 0)
         written = yaml.safe_load((tmp_path / f"t{steps}" / "config.yaml").read_text())
         args = written["model"]["init_args"]["lr_scheduler"]["init_args"]
@@ -266,7 +268,7 @@ def test_compare_reuses_finished_runs_and_never_leaves_stale_results(tmp_path, f
     out.mkdir()
     (out / "compare.md").write_text("old results")
     (out / "compare.json").write_text("{}")
-    s = demo.DemoSettings(out=str(out), train_steps=5, eval_images=4)
+    s = demo_settings.DemoSettings(out=str(out), train_steps=5, eval_images=4)
     objectives = demo_compare.COMPARE_OBJECTIVES[:2]
     fail_at[0] = 3  # interrupted in the third run (base, PopAlign s0, PopAlign s1, ...)
     with pytest.raises(KeyboardInterrupt):
@@ -310,7 +312,7 @@ def test_demo_removes_the_previous_results_and_sets_threads(tmp_path, monkeypatc
     before = torch.get_num_threads()
     try:
         with pytest.raises(KeyboardInterrupt):
-            demo.run_demo(demo.DemoSettings(out=str(out), threads=3))
+            demo.run_demo(demo_settings.DemoSettings(out=str(out), threads=3))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

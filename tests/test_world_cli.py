@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_WORLD_BASE
 
 from popalign.cli import main as cli_main
-from popalign.demo import DemoSettings
+from popalign.demo_settings import DemoSettings
 from popalign.world import base as wb
 
 TINY = TINY_WORLD_BASE

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from popalign.demo import DemoSettings
 from popalign.demo_compare import COMPARE_OBJECTIVES, COMPARE_SEEDS
+from popalign.demo_settings import DemoSettings
 
 HELP = "end-to-end demo on the synthetic world (CPU, minutes): base vs aligned report"
 OBJECTIVES = {o.rsplit(".", 1)[-1]: o for o in COMPARE_OBJECTIVES}
@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from popalign.demo import check_settings, run_demo
+    from popalign.demo import run_demo
     from popalign.demo_compare import run_compare
+    from popalign.demo_settings import check_settings
     from popalign.errors import UserError
 
     settings = DemoSettings(
