@@ -16,6 +16,7 @@ final step, and a ``--ckpt_path`` checked before anything starts.
 
 from __future__ import annotations
 
+import glob
 import os
 import zipfile
 from pathlib import Path
@@ -71,7 +72,7 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        for stale in path.parent.glob(f"{glob.escape('.' + path.name)}.tmp-*"):
             stale.unlink(missing_ok=True)
 
 

@@ -39,13 +39,14 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path)
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
-def test_a_killed_writers_temporary_goes_once_the_checkpoint_is_whole(tmp_path):
-    stale = tmp_path / ".last.ckpt.tmp-999999"  # a process killed while writing last.ckpt
+@pytest.mark.parametrize("name", ["last.ckpt", "step[2].ckpt"])  # a name with glob characters too
+def test_a_killed_writers_temporary_goes_once_the_checkpoint_is_whole(tmp_path, name):
+    stale = tmp_path / f".{name}.tmp-999999"  # a process killed while writing this checkpoint
     other = tmp_path / ".epoch=0-step=2.ckpt.tmp-999999"  # another checkpoint's: not this save's business
     stale.write_bytes(b"half")
     other.write_bytes(b"half")
-    WholeFileCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
-    assert sorted(os.listdir(tmp_path)) == [other.name, "last.ckpt"]
+    WholeFileCheckpointIO().save_checkpoint({"step": 2}, tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, name])
 
 
 def _trainer(tmp_path, callbacks, plugins=None) -> L.Trainer:
