@@ -23,6 +23,9 @@ Gradient checkpointing stays the module's switch (``model.gradient_checkpointing
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from popalign import files
 from popalign.errors import UserError
 from popalign.models.speed import REPEATED_BLOCKS
 
@@ -68,6 +72,34 @@ class BlockFSDPStrategy(FSDPStrategy):
                 "use --trainer.accelerator gpu, or --trainer.strategy ddp on CPUs"
             )
         return super()._setup_model(model)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """``state_dict_type: full``: Lightning's (rank 0 writes one file through the trainer's writer,
+        :class:`popalign.checkpointing.WholeFileCheckpointIO` under ``train.py``: whole or absent).
+
+        ``sharded``: every rank writes its shard into a hidden ``.NAME.tmp-<pid>`` folder beside the
+        target, and rank 0 puts it in place once all have written (:func:`popalign.files.replace_folder`),
+        so a save stopped halfway leaves the previous checkpoint folder, not a partial one that
+        ``--ckpt_path last`` would pick. Staging folders of killed runs go first
+        (:func:`popalign.files.remove_abandoned`)."""
+        if self._state_dict_type != "sharded":
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        pid = self.broadcast(os.getpid())  # rank 0's: the staging folder is one for all ranks
+        staging = path.with_name(f".{path.name}.tmp-{pid}")
+        if self.global_rank == 0:
+            files.remove_abandoned(path.parent, rf"\.{re.escape(path.name)}\.tmp-(\d+)")
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+            self.barrier("popalign: sharded checkpoint written")
+            if self.global_rank == 0:
+                files.replace_folder(staging, path)
+        except BaseException:
+            if self.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.barrier("popalign: sharded checkpoint in place")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a checkpoint folder (``state_dict_type: sharded``) or file (``full``).

@@ -75,3 +75,44 @@ def test_prepare_checkpointing_keeps_a_writer_and_a_checkpoint_class_the_config_
     prepare_checkpointing(trainer)
     assert type(mine) is MyCheckpoint
     assert type(trainer.strategy.checkpoint_io) is MyIO
+
+
+def _sharded_save(path, step: int) -> None:
+    from popalign.distributed import BlockFSDPStrategy
+
+    checkpoint = {
+        "state_dict": {"w": torch.full((2,), float(step))},
+        "optimizer_states": [],
+        "global_step": step,
+    }
+    BlockFSDPStrategy(state_dict_type="sharded").save_checkpoint(checkpoint, path)
+
+
+def _saved_step(path) -> int:
+    return torch.load(path / "meta.pt", weights_only=True)["global_step"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: what a rank does
+def test_a_sharded_checkpoint_folder_is_put_in_place_whole(tmp_path, monkeypatch):
+    # each rank writes its shard into the folder, and a save stopped halfway left a partial folder that
+    # --ckpt_path last then picked; now it is staged beside the target and renamed when complete
+    from lightning.pytorch.strategies import fsdp
+
+    path = tmp_path / "last.ckpt"
+    killed = tmp_path / ".last.ckpt.tmp-999999"  # a killed run's staging folder
+    killed.mkdir()
+    _sharded_save(path, 2)
+    assert _saved_step(path) == 2 and os.listdir(tmp_path) == ["last.ckpt"]
+    _sharded_save(path, 4)
+    assert _saved_step(path) == 4 and os.listdir(tmp_path) == ["last.ckpt"]
+
+    save = fsdp._distributed_checkpoint_save
+
+    def stopped(state, folder):
+        save(state, folder)
+        raise KeyboardInterrupt  # after the shards, before the metadata
+
+    monkeypatch.setattr(fsdp, "_distributed_checkpoint_save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _sharded_save(path, 6)
+    assert _saved_step(path) == 4 and os.listdir(tmp_path) == ["last.ckpt"]
