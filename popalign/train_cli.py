@@ -270,7 +270,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
         ):
             print(f"train.py: interrupted; {resume}", file=sys.stderr)
             raise SystemExit(130) from None
-        user_error = _user_error_in(stop)
+        user_error = None if isinstance(stop, SystemExit) else _user_error_in(stop)  # --help, argparse
         if user_error is None:
             raise
         print(f"train.py: error: {user_error}", file=sys.stderr)
