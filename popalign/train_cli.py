@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -313,12 +314,8 @@ def sigterm_stop(stop: BaseException) -> bool:
     chain of exceptions, or any exception once a trainer of this process has received SIGTERM."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    seen = set()
-    while stop is not None and id(stop) not in seen:
-        if isinstance(stop, SIGTERMException):
-            return True
-        seen.add(id(stop))
-        stop = stop.__context__
+    if any(isinstance(err, SIGTERMException) for err in _chain(stop, "__context__")):
+        return True
     return any(trainer.received_sigterm for trainer in _TRAINERS)
 
 
@@ -331,13 +328,16 @@ def lightning_interrupt(stop: SystemExit) -> bool:
 def _user_error_in(err: BaseException | None) -> UserError | None:
     # explicit causes only ("raise ... from err", as jsonargparse wraps): an error raised while
     # another was being handled is a new failure and keeps its traceback
+    return next((e for e in _chain(err, "__cause__") if isinstance(e, UserError)), None)
+
+
+def _chain(err: BaseException | None, link: str) -> Iterator[BaseException]:
+    """``err`` and the exceptions behind it through ``link`` (``__cause__`` or ``__context__``), once each."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
+        yield err
         seen.add(id(err))
-        err = err.__cause__
-    return None
+        err = getattr(err, link)
 
 
 def _build(args: list[str] | None, run: bool) -> PopAlignCLI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 
 import pytest
 from conftest import all_threads
@@ -65,6 +66,8 @@ def test_a_stopped_training_ends_the_demo_as_an_interruption(monkeypatch, stop):
             raise SystemExit(1)  # Lightning's graceful shutdown after a KeyboardInterrupt  # noqa: B904
 
     monkeypatch.setattr(popalign.train_cli, "_build", stopped)
+    # _build starts each run with no trainers; earlier tests' SIGTERM-stopped trainers may still live
+    monkeypatch.setattr(popalign.train_cli, "_TRAINERS", weakref.WeakSet())
     with pytest.raises(KeyboardInterrupt) as info:
         _fit(["fit", "--config", "x.yaml"])
     assert type(info.value) is (KeyboardInterrupt if stop == "ctrl_c" else Terminated)
@@ -87,5 +90,6 @@ def test_data_workers_killed_by_the_same_sigterm_end_the_demo_as_stopped(monkeyp
         raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
 
     monkeypatch.setattr(train_cli, "_build", workers_killed)
+    monkeypatch.setattr(train_cli, "_TRAINERS", weakref.WeakSet())  # as _build starts a run
     with pytest.raises(Terminated):
         _fit(["fit", "--config", "x.yaml"])
