@@ -40,9 +40,22 @@ class FinalStepCheckpoint(ModelCheckpoint):
     one saves it whenever the final step was not saved already (``max_steps`` not a multiple of
     ``every_n_train_steps``), with Lightning's own rules for when not to save (``fast_dev_run``,
     sanity checking, not fitting).
+
+    A run that reaches ``max_steps`` is saved after its last batch, where the periodic checkpoints are
+    taken, not at the end of fit: by then Lightning counts the unfinished epoch as done, and a run
+    extended from that checkpoint would skip the rest of the epoch's batches. Runs that end with an
+    epoch (``max_epochs``) are saved at the end of fit.
     """
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_final(trainer)
+
+    def _save_final(self, trainer: Any) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

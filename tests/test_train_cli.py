@@ -469,6 +469,23 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_woul
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
+@pytest.mark.parametrize(("workers", "stops"), [(2, [3]), (0, [5, 9])])
+def test_a_finished_run_extended_from_its_final_checkpoint_trains_the_same_batches_and_rates(
+    tmp_path, monkeypatch, workers, stops
+):
+    # max_steps off the checkpoint period (every 2 steps): last.ckpt was the step before the final one
+    # (the extended run trained that step twice); saved at the end of fit instead, Lightning counts
+    # the unfinished epoch as done and the extended run skipped the rest of its batches
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--data.num_workers={workers}", *WARMUP]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 11, stops)
+    assert resumed == straight
+    lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")  # both runs' logs: one value per step
+    assert [lr[s] for s in range(11)] == pytest.approx(
+        [1e-4 * min(s + 1, 8) / 8 for s in range(11)], rel=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     ("length", "workers", "stop"),
     [("5", 2, 10), ("null", 0, 6)],  # epochs of 5 batches; one pass of 3 batches (6 groups, 2 per batch)
