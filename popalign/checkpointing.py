@@ -86,7 +86,8 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             raise
         for stale in path.parent.glob(f"{glob.escape('.' + path.name)}.tmp-*"):
-            stale.unlink(missing_ok=True)
+            if stale.is_file():  # a sharded save's staging folder is fsdp_blocks' to remove
+                stale.unlink(missing_ok=True)
 
 
 def prepare_checkpointing(trainer: Any) -> None:

@@ -43,10 +43,12 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path)
 def test_a_killed_writers_temporary_goes_once_the_checkpoint_is_whole(tmp_path, name):
     stale = tmp_path / f".{name}.tmp-999999"  # a process killed while writing this checkpoint
     other = tmp_path / ".epoch=0-step=2.ckpt.tmp-999999"  # another checkpoint's: not this save's business
+    staging = tmp_path / f".{name}.tmp-999998"  # a sharded save's staging folder: not a file to unlink
     stale.write_bytes(b"half")
     other.write_bytes(b"half")
+    staging.mkdir()
     WholeFileCheckpointIO().save_checkpoint({"step": 2}, tmp_path / name)
-    assert sorted(os.listdir(tmp_path)) == sorted([other.name, name])
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, staging.name, name])
 
 
 def _trainer(tmp_path, callbacks, plugins=None) -> L.Trainer:
