@@ -44,7 +44,7 @@ class FinalStepCheckpoint(ModelCheckpoint):
     A run that reaches ``max_steps`` is saved after its last batch, where the periodic checkpoints are
     taken, not at the end of fit: by then Lightning counts the unfinished epoch as done, and a run
     extended from that checkpoint would skip the rest of the epoch's batches. Runs that end with an
-    epoch (``max_epochs``) are saved at the end of fit.
+    epoch (``max_epochs``) are saved at the end of fit. With ``save_last: link`` it is Lightning's.
     """
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
@@ -56,7 +56,8 @@ class FinalStepCheckpoint(ModelCheckpoint):
         self._save_final(trainer)
 
     def _save_final(self, trainer: Any) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        # save_last: link keeps Lightning's meaning (a link to the newest top-k checkpoint)
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
