@@ -313,3 +313,66 @@ def count_training(monkeypatch):
 
     monkeypatch.setattr(wb, "_train", counted)
     return calls
+
+
+# ---------------------------------------------------------------- popalign evaluate
+def world_shards(directory, seed: int = 0):
+    """Two neutral prompts (doctor, chef) and one augmented prompt, 4 world images each."""
+    from popalign.data.images import ImageShardWriter, encode_image
+    from popalign.world import WorldSpec
+    from popalign.world.render import render_batch
+
+    spec = WorldSpec()
+    rng = np.random.default_rng(seed)
+    # (prompt id, kind, prompt, classes, occupation drawn, shirt classes, tone classes)
+    plan = [
+        ("p0000", "neutral", "a photo of a doctor", {}, 0, [0, 0, 0, 1], [0, 0, 1, 2]),
+        ("p0001", "neutral", "a photo of a chef", {}, 2, [0, 1, 0, 1], [0, 1, 2, 0]),  # occupation wrong
+        ("p0000-a0001", "augmented", "a photo of a red medium doctor", {"shirt": "red", "tone": "medium"}, 0,
+         [0, 0, 1, 0], [1, 1, 1, 0]),
+    ]  # fmt: skip
+    assert spec.occupations[0] == "doctor" and spec.occupations[1] == "chef"
+    with ImageShardWriter(directory) as writer:
+        for pid, kind, prompt, classes, occ, shirt, tone in plan:
+            images = render_batch(np.full(4, occ), {"shirt": np.array(shirt), "tone": np.array(tone)}, rng)
+            samples = []
+            for i, image in enumerate(images):
+                meta = {"prompt_id": pid, "neutral_id": pid[:5], "kind": kind, "prompt": prompt, "classes": classes,
+                        "seed": i, "height": 32, "width": 32}  # fmt: skip
+                samples.append(encode_image(f"{pid}-{i:04d}", image, None, meta))
+            writer.write_prompt(pid, samples)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world_images(tmp_path_factory):
+    """:func:`world_shards` in a folder of their own, for ``popalign evaluate --images``."""
+    return world_shards(tmp_path_factory.mktemp("world") / "images")
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    """Neutral occupations and a generic prompt, as ``popalign evaluate`` reads them from files."""
+    (tmp_path / "neutral.txt").write_text("doctor\nnurse\n")
+    (tmp_path / "generic.txt").write_text("a person standing in a park\n")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory):
+    """A tiny pipeline of other sizes, and a LoRA trained for it (not for the test base)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from popalign.models.loading import add_lora
+    from popalign.models.tiny import TinySDXLConfig, build_tiny_components, save_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("other")
+    cfg = TinySDXLConfig(image_size=16, text_hidden=16, unet_channels=(16, 32), attention_head_dim=(2, 2))
+    parts = build_tiny_components(cfg)
+    save_tiny_sdxl(root / "model", components=parts)
+    add_lora(parts["unet"], 2)
+    StableDiffusionXLPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=get_peft_model_state_dict(parts["unet"])
+    )
+    return root

@@ -1,15 +1,12 @@
-"""``popalign evaluate``: metric arithmetic, stored world images, sampling end to end, bad input."""
+"""``popalign evaluate``: metric arithmetic, stored world images, sampling end to end, flags and inputs
+(the output folder: tests/test_evaluate_output.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -165,37 +162,6 @@ def test_world_occupation_adherence():
 
 
 # ---------------------------------------------------------------- stored world images (no sampling)
-def _world_shards(directory, seed: int = 0):
-    """Two neutral prompts (doctor, chef) and one augmented prompt, 4 world images each."""
-    from popalign.data.images import ImageShardWriter, encode_image
-
-    spec = WorldSpec()
-    rng = np.random.default_rng(seed)
-    # (prompt id, kind, prompt, classes, occupation drawn, shirt classes, tone classes)
-    plan = [
-        ("p0000", "neutral", "a photo of a doctor", {}, 0, [0, 0, 0, 1], [0, 0, 1, 2]),
-        ("p0001", "neutral", "a photo of a chef", {}, 2, [0, 1, 0, 1], [0, 1, 2, 0]),  # occupation wrong
-        ("p0000-a0001", "augmented", "a photo of a red medium doctor", {"shirt": "red", "tone": "medium"}, 0,
-         [0, 0, 1, 0], [1, 1, 1, 0]),
-    ]  # fmt: skip
-    assert spec.occupations[0] == "doctor" and spec.occupations[1] == "chef"
-    with ImageShardWriter(directory) as writer:
-        for pid, kind, prompt, classes, occ, shirt, tone in plan:
-            images = render_batch(np.full(4, occ), {"shirt": np.array(shirt), "tone": np.array(tone)}, rng)
-            samples = []
-            for i, image in enumerate(images):
-                meta = {"prompt_id": pid, "neutral_id": pid[:5], "kind": kind, "prompt": prompt, "classes": classes,
-                        "seed": i, "height": 32, "width": 32}  # fmt: skip
-                samples.append(encode_image(f"{pid}-{i:04d}", image, None, meta))
-            writer.write_prompt(pid, samples)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def world_images(tmp_path_factory):
-    return _world_shards(tmp_path_factory.mktemp("world") / "images")
-
-
 def _run(argv, capsys):
     code = main(argv)
     return code, capsys.readouterr().err
@@ -283,13 +249,6 @@ def tiny_clip(tmp_path_factory) -> str:
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture
-def prompt_files(tmp_path):
-    (tmp_path / "neutral.txt").write_text("doctor\nnurse\n")
-    (tmp_path / "generic.txt").write_text("a person standing in a park\n")
-    return tmp_path
 
 
 def _sampling_args(model, files, out, images_per_prompt: int = 1):
@@ -402,158 +361,6 @@ def test_evaluate_model_from_python(tiny_model, prompt_files):
     m = evaluate_model(config)
     assert m["neutral.num_prompts"] == 2 and "specific.accuracy" not in m and "clip_score" not in m
     assert m["neutral.discrepancy_ci"][0] <= m["neutral.discrepancy_ci"][1]
-
-
-# ---------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def other_base(tmp_path_factory):
-    """A tiny pipeline of other sizes, and a LoRA trained for it (not for the test base)."""
-    from diffusers import StableDiffusionXLPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    from popalign.models.loading import add_lora
-    from popalign.models.tiny import TinySDXLConfig, build_tiny_components, save_tiny_sdxl
-
-    root = tmp_path_factory.mktemp("other")
-    cfg = TinySDXLConfig(image_size=16, text_hidden=16, unet_channels=(16, 32), attention_head_dim=(2, 2))
-    parts = build_tiny_components(cfg)
-    save_tiny_sdxl(root / "model", components=parts)
-    add_lora(parts["unet"], 2)
-    StableDiffusionXLPipeline.save_lora_weights(
-        root / "lora", unet_lora_layers=get_peft_model_state_dict(parts["unet"])
-    )
-    return root
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--target", "0.5", "0.6"], "sum to 1"),
-        (["--target", "0.2", "0.3", "0.5"], "2 joint classes"),
-        (["--classifier", "test_evaluate:BadClassifier"], "unknown class label"),
-        (["--neutral", "EMPTY"], "no prompts"),
-        (["--unet", "OTHER/model"], "cross_attention_dim"),
-        (["--lora", "OTHER/lora"], "does not fit"),
-        (["--fid-reference", "BADREF", "--fid-features", "pixel"], "uint8"),
-    ],
-)
-def test_bad_input_is_one_line_and_leaves_no_report(
-    extra, message, tiny_model, prompt_files, other_base, tmp_path, capsys
-):
-    (tmp_path / "empty.txt").write_text("# nothing\n")
-    np.save(tmp_path / "bad.npy", np.zeros((4, 16, 16, 3), dtype=np.float32))
-    swap = {"EMPTY": str(tmp_path / "empty.txt"), "BADREF": str(tmp_path / "bad.npy")}
-    extra = [swap.get(a, a.replace("OTHER", str(other_base))) for a in extra]
-    out = tmp_path / "eval"
-    args = _sampling_args(tiny_model, prompt_files, out)
-    args = args[:3] + args[5:] if "--neutral" in extra else args  # one --neutral only
-    code, err = _run(args + extra, capsys)
-    assert code == 2 and err.strip().splitlines()[-1].startswith("popalign evaluate: error:"), err
-    assert message in err.strip().splitlines()[-1], err
-    assert not out.exists() and not list(tmp_path.glob(".eval*"))
-
-
-def test_existing_output_needs_overwrite(tiny_model, prompt_files, tmp_path, capsys):
-    out = tmp_path / "eval"
-    out.mkdir()
-    (out / "old.txt").write_text("x")
-    code, err = _run(_sampling_args(tiny_model, prompt_files, out), capsys)
-    assert code == 2 and "--overwrite" in err and (out / "old.txt").exists()
-
-
-def _tree(folder) -> dict:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
-def test_overwrite_replaces_only_an_evaluation_output(world_images, tmp_path, capsys):
-    def evaluate(out):
-        argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
-                "--bootstrap", "20", "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
-        return _run(argv, capsys)
-
-    # a folder of popalign generate's image shards, and folders that only share a file name with a report
-    shards = _world_shards(tmp_path / "shards")
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "report.md").write_text("# my notes\n")
-    (notes / "metrics.json").write_text(json.dumps({"fid": 1.0}))
-    for folder in (shards, notes):
-        before = _tree(folder)
-        code, err = evaluate(folder)
-        assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert err.strip().startswith(
-            f"popalign evaluate: error: {folder}: does not look like an evaluation output"
-        )
-        assert _tree(folder) == before and not list(tmp_path.glob(f".{folder.name}*"))
-    # an empty folder, and an earlier evaluation output (whose stray files go with it), are replaced
-    out = tmp_path / "eval"
-    out.mkdir()
-    code, err = evaluate(out)
-    assert code == 0, err
-    first = json.loads((out / "metrics.json").read_text())
-    (out / "images" / "stale.png").write_bytes(b"old")
-    code, err = evaluate(out)
-    assert code == 0, err
-    assert not (out / "images" / "stale.png").exists() and len(list((out / "images").glob("*.png"))) == 12
-    assert json.loads((out / "metrics.json").read_text()) == first
-
-
-SLEEPY = '''
-import time
-from pathlib import Path
-
-from popalign.data.classifiers import AttributeClassifier
-
-
-class Sleepy(AttributeClassifier):
-    """Marks that it has started (a file beside this module), then sleeps: a run to stop."""
-
-    def classify(self, images):
-        (Path(__file__).parent / "classifying").touch()
-        time.sleep(60)
-'''
-
-
-def test_sigterm_stops_evaluate_with_one_line_and_no_stage_folder(world_images, tmp_path):
-    # a scheduler's SIGTERM ended Python at once: the hidden stage folder .eval.tmp-PID stayed
-    (tmp_path / "sleepy.py").write_text(SLEEPY)
-    out = tmp_path / "eval"
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    argv = [sys.executable, "-m", "popalign", "evaluate", "--images", str(world_images), "--axes", *WORLD_AXES,
-            "--classifier", "sleepy:Sleepy", "--bootstrap", "20", "--out", str(out), "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        env={**os.environ, "PYTHONPATH": path},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and not (tmp_path / "classifying").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert (tmp_path / f".eval.tmp-{proc.pid}").is_dir()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()  # only when a failed check left it running
-    stopped = "popalign evaluate: stopped by SIGTERM; run the same command again to resume"
-    assert (proc.returncode, err.strip()) == (143, stopped)
-    assert not out.exists() and not list(tmp_path.glob(".eval*"))
-
-
-def test_the_stage_folders_of_killed_runs_are_removed(world_images, tmp_path, capsys):
-    # a run killed without a chance to clean up (SIGKILL, a power loss) left .eval.tmp-PID for good
-    dead = 2**22 + 1  # above Linux's largest process id: never running
-    live = os.getppid()
-    kept = [f".eval.tmp-{live}", f".eval.tmp-{dead}.x", f".evaluation.tmp-{dead}", f".eval.tmp-{dead}x"]
-    for name in [f".eval.tmp-{dead}", *kept]:
-        (tmp_path / name / "images").mkdir(parents=True)
-    argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
-            "--bootstrap", "20", "--out", str(tmp_path / "eval"), "--no-progress"]  # fmt: skip
-    code, err = _run(argv, capsys)
-    assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", *kept])
 
 
 def test_specific_prompts_can_take_fewer_images():
