@@ -41,6 +41,9 @@ warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined
 # validation runs only when val_shards are given; Lightning's own use of a torch API it deprecated
 warnings.filterwarnings("ignore", r"You defined a `validation_step` but have no `val_dataloader`")
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# on every resume: the folder is fixed on purpose, and a fresh run into one holding checkpoints is
+# refused before this point (refuse_earlier_checkpoints)
+warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
