@@ -21,6 +21,7 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from popalign.checkpointing import (
     CKPT_NAMES,
@@ -33,7 +34,7 @@ from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
-from popalign.resume import check_before_fit
+from popalign.resume import check_before_fit, last_checkpoint
 
 # the frozen reference is in eval mode on purpose; shards have a length only to size epochs
 warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
@@ -41,6 +42,8 @@ warnings.filterwarnings("ignore", r"Your `IterableDataset` has `__len__` defined
 # validation runs only when val_shards are given; Lightning's own use of a torch API it deprecated
 warnings.filterwarnings("ignore", r"You defined a `validation_step` but have no `val_dataloader`")
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# --ckpt_path last before the first checkpoint: before_fit says so in its own words
+warnings.filterwarnings("ignore", r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
 # on every resume: the folder is fixed on purpose, and a fresh run into one holding checkpoints is
 # refused before this point (refuse_earlier_checkpoints)
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
@@ -171,15 +174,18 @@ class PopAlignCLI(LightningCLI):
             for shards in (self.datamodule.train_shards, self.datamodule.val_shards):
                 if shards:
                     expand_shards(shards)
+        folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         if not ckpt_path:
             refuse_earlier_checkpoints(self.trainer.checkpoint_callbacks)
+        elif str(ckpt_path) == "last" and last_checkpoint(folders) is None:
+            # a requeued job passes --ckpt_path last from its first run on; Lightning's warning for
+            # this case advises save_last=True, which the config already has
+            where = ", ".join(folders) or "trainer.callbacks (no ModelCheckpoint)"
+            rank_zero_info(f"--ckpt_path last: no last checkpoint in {where} yet; training from step 0")
         model = self.model
         if isinstance(model, PopAlignModule):  # what the run would refuse later, before its run folder
             model.check_optimizer_config()  # an lr torch refuses
             if ckpt_path:  # another base, other LoRA settings
-                folders = [
-                    c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)
-                ]
                 check_before_fit(
                     str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora
                 )

@@ -255,22 +255,31 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert err[1].endswith(" fit --help` lists every option)"), err
 
 
-def test_a_resume_prints_no_warning_about_its_own_checkpoint_folder(tmp_path, monkeypatch):
-    # Lightning warned "Checkpoint directory ... exists and is not empty" on every resume: the folder is
-    # fixed on purpose and a fresh run into it is refused, so the warning only ever alarmed (a process
-    # of its own: pytest shows warnings its own way)
+def test_a_requeued_job_passing_ckpt_path_last_every_time_gets_plain_messages(tmp_path, monkeypatch):
+    # the first run, before any checkpoint: Lightning's warning advised save_last=True, which the config
+    # has; every resume: "Checkpoint directory ... exists and is not empty", though the folder is fixed
+    # on purpose and a fresh run into it is refused (processes of their own: pytest shows warnings its
+    # own way)
     import subprocess
     import sys
 
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2", *QUIET])
     train = Path(__file__).parents[1] / "train.py"
-    resume = ["fit", "--config", CONFIG, "--trainer.max_steps=3", "--ckpt_path=last", *QUIET]
-    proc = subprocess.run([sys.executable, str(train), *resume], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
-    assert "exists and is not empty" not in proc.stderr, proc.stderr
+
+    def job(steps: int) -> str:
+        fit = ["fit", "--config", CONFIG, f"--trainer.max_steps={steps}", "--ckpt_path=last", *QUIET]
+        proc = subprocess.run([sys.executable, str(train), *fit], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    first = job(2)
+    folder = tmp_path / "runs/tiny/checkpoints"
+    assert f"--ckpt_path last: no last checkpoint in {folder} yet; training from step 0" in first, first
+    assert "HINT" not in first and "Restored" not in first, first
+    resumed = job(3)
+    assert "Restored all states from the checkpoint" in resumed
+    assert "exists and is not empty" not in resumed, resumed
 
 
 def test_a_checkpoint_callback_without_dirpath_resumes_from_last(tmp_path, monkeypatch):
