@@ -345,6 +345,21 @@ def test_rich_progress_bar_shows_no_negative_epoch_and_an_integer_version(
     assert cli.trainer.max_epochs == 1 and "Epoch 0/0 " in capsys.readouterr().out
 
 
+def _stopped_fit(capsys, args: list[str], signum: signal.Signals) -> tuple[int, list[str]]:
+    """``train.py ARGS``, which a signal (sent or simulated by the test) stops: its exit status and
+    stderr lines. The signal's handler is put back afterwards (Lightning leaves its own, or SIG_IGN)."""
+    previous = signal.getsignal(signum)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["fit", "--config", CONFIG, *args, *QUIET])
+    finally:
+        signal.signal(signum, previous)
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+STOPPED_BY_SIGTERM = "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last"
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     # Lightning shuts down gracefully and calls sys.exit(1); the popalign stages exit 130 on Ctrl-C
     monkeypatch.chdir(tmp_path)
@@ -355,14 +370,8 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PopAlignModule, "training_step", interrupted)
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from then on
-    try:
-        with pytest.raises(SystemExit) as stop:
-            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=2", *QUIET])
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-    assert stop.value.code == 130
-    err = capsys.readouterr().err.strip().splitlines()
+    code, err = _stopped_fit(capsys, ["--trainer.max_steps=2"], signal.SIGINT)
+    assert code == 130
     assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
 
 
@@ -382,17 +391,8 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", *QUIET])
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-    assert stop.value.code == 143
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", (
-        err
-    )
+    code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
+    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
     assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
     monkeypatch.setattr(PopAlignModule, "training_step", step)
     cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--ckpt_path=last", *QUIET])
@@ -425,18 +425,9 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--data.num_workers=2", *QUIET])
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
+    code, err = _stopped_fit(capsys, ["--trainer.max_steps=6", "--data.num_workers=2"], signal.SIGTERM)
     assert len(signalled) == 2, "two data workers and this process get the signal"
-    assert stop.value.code == 143
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last", (
-        err
-    )
+    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
     assert not any("Traceback" in line for line in err), err
 
 
