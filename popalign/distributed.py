@@ -24,7 +24,6 @@ Gradient checkpointing stays the module's switch (``model.gradient_checkpointing
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -87,9 +86,7 @@ class BlockFSDPStrategy(FSDPStrategy):
             return
         path = Path(self.broadcast(str(filepath)))
         pid = self.broadcast(os.getpid())  # rank 0's: the staging folder is one for all ranks
-        staging = path.with_name(f".{path.name}.tmp-{pid}")
-        if self.global_rank == 0:
-            files.remove_abandoned(path.parent, rf"\.{re.escape(path.name)}\.tmp-(\d+)")
+        staging = files.stage_folder(path, pid, clean=self.global_rank == 0)
         try:
             super().save_checkpoint(checkpoint, staging, storage_options)
             self.barrier("popalign: sharded checkpoint written")

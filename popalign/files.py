@@ -62,6 +62,16 @@ def sibling(out: Path, tag: str) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
+def stage_folder(out: Path, pid: int | None = None, clean: bool = True) -> Path:
+    """``.OUT.tmp-<pid>`` beside ``out`` (``pid``: this process's unless given), a folder to build
+    ``out`` in and rename into place. With ``clean`` those that killed runs left are removed first
+    (:func:`remove_abandoned`); only one process of a multi-node job should clean, since another
+    node's processes do not run here."""
+    if clean:
+        remove_abandoned(out.parent, rf"\.{re.escape(out.name)}\.tmp-(\d+)")
+    return out.with_name(f".{out.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
 def remove_abandoned(folder: Path, pattern: str) -> None:
     """Remove the work folders in ``folder`` left by runs killed without a chance to clean up (SIGKILL,
     a power loss): those whose whole name matches ``pattern``, a regular expression whose first group

@@ -277,15 +277,12 @@ class Evaluator:
 
     def _run(self) -> dict[str, Any]:
         import os
-        import re
         import shutil
 
         c = self.config
-        stage = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}" if self.out else None
+        stage = files.stage_folder(self.out) if self.out else None  # killed runs' stage folders go
         if stage is not None:
-            # the stage folders of killed runs (their process gone) go, and this process's own
-            files.remove_abandoned(stage.parent, rf"\.{re.escape(self.out.name)}\.tmp-(\d+)")
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)  # this process's own, from an earlier evaluation
             stage.mkdir(parents=True)
         try:
             if c.images:
