@@ -23,7 +23,7 @@ import sys
 
 import popalign.commands
 from popalign.errors import UserError
-from popalign.signals import Terminated, sigterm_interrupts
+from popalign.signals import Terminated, lightning_interrupt, sigterm_interrupts
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return stopped(args.command, stop)
     except SystemExit as exit_:
         # Lightning (generate on several devices) answers an interruption with sys.exit(1)
-        if not isinstance(exit_.__context__, KeyboardInterrupt):
+        if not lightning_interrupt(exit_):
             raise
         return stopped(args.command, exit_.__context__)
 

@@ -27,7 +27,7 @@ from typing import Any
 from popalign import files
 from popalign.demo_settings import DemoSettings, check_data_record, check_settings, load_config
 from popalign.errors import UserError
-from popalign.signals import Terminated
+from popalign.signals import Terminated, lightning_interrupt
 
 WORLD_DIR = Path(__file__).parent / "world"
 WORLD_AXES = [str(WORLD_DIR / "axes" / "shirt.yaml"), str(WORLD_DIR / "axes" / "tone.yaml")]
@@ -212,7 +212,7 @@ def _fit(args: list[str]) -> None:
     ``KeyboardInterrupt`` or :class:`Terminated` again, with SIGINT's handler put back, and a user
     error of the config a :class:`UserError`, so the demo reports either in one line (and does not go
     on to export)."""
-    from popalign.train_cli import _build, _user_error_in, lightning_interrupt, sigterm_stop
+    from popalign.train_cli import _build, _user_error_in, sigterm_stop
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)

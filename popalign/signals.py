@@ -41,3 +41,10 @@ def sigterm_interrupts() -> Iterator[None]:
     finally:
         # None: a handler set outside Python, which Python cannot put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def lightning_interrupt(stop: SystemExit) -> bool:
+    """Whether ``stop`` is Lightning's answer to Ctrl-C (or :class:`Terminated`) in fit or predict: it calls
+    ``sys.exit(1)`` after its graceful shutdown, inside its ``except KeyboardInterrupt`` clause (and
+    ignores SIGINT from then on)."""
+    return stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)

@@ -35,6 +35,7 @@ from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
 from popalign.resume import check_before_fit, last_checkpoint
+from popalign.signals import lightning_interrupt
 
 # the frozen reference is in eval mode on purpose; shards have a length only to size epochs
 warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
@@ -326,12 +327,6 @@ def sigterm_stop(stop: BaseException) -> bool:
     if any(isinstance(err, SIGTERMException) for err in _chain(stop, "__context__")):
         return True
     return any(trainer.received_sigterm for trainer in _TRAINERS)
-
-
-def lightning_interrupt(stop: SystemExit) -> bool:
-    """Whether ``stop`` is Lightning's answer to Ctrl-C during fit: after its graceful shutdown it calls
-    ``sys.exit(1)`` inside its ``except KeyboardInterrupt`` clause (and ignores SIGINT from then on)."""
-    return stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:
