@@ -1,0 +1,94 @@
+"""A resumed run trains on the batches, in the epochs and at the learning rates an uninterrupted run
+would: stopped mid-epoch, at an epoch's last batch, twice, or extended after it finished."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_train_cli import CONFIG, QUIET, WARMUP, _logged
+
+from popalign.cli import main
+from popalign.module import PopAlignModule
+from popalign.train_cli import cli_main
+
+
+def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int]):
+    """(epoch, batch keys) of every training step of a run of ``total`` steps, and of the same run
+    stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch)."""
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
+    trained: list[tuple[int, list[str]]] = []
+    step = PopAlignModule.training_step
+
+    def recording(self, batch, batch_idx):
+        trained.append((self.trainer.current_epoch, list(batch["keys"])))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    fit = ["fit", "--config", CONFIG, *flags, *QUIET]
+    cli_main([*fit, f"--trainer.max_steps={total}"])
+    straight, trained[:] = list(trained), []
+    shutil.rmtree("runs/tiny/checkpoints")
+    for i, stop in enumerate([*stops, total]):
+        cli_main([*fit, f"--trainer.max_steps={stop}", *(["--ckpt_path=last"] if i else [])])
+    return straight, trained
+
+
+def test_a_run_resumed_mid_epoch_trains_on_the_batches_an_uninterrupted_run_would(
+    tmp_path, monkeypatch, recwarn
+):
+    # configs/tiny.yaml: epochs of 5 batches, a checkpoint every 2 steps; two data workers, so each
+    # worker's share of the trained batches is skipped on resume (it restarted the epoch: the
+    # resumed run trained on batches 1-3 again, and Lightning warned the loader was not resumable)
+    monkeypatch.chdir(tmp_path)
+    straight, resumed = _straight_and_resumed(monkeypatch, ["--data.num_workers=2"], 7, [2])
+    assert len(straight) == 7 and len({tuple(keys) for _, keys in straight[:5]}) > 1
+    assert resumed == straight  # steps 1-2, then 3-5 (the rest of epoch 0) and 6-7 (epoch 1)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize(("workers", "stops"), [(2, [3]), (0, [5, 9])])
+def test_a_finished_run_extended_from_its_final_checkpoint_trains_the_same_batches_and_rates(
+    tmp_path, monkeypatch, workers, stops
+):
+    # max_steps off the checkpoint period (every 2 steps): last.ckpt was the step before the final one
+    # (the extended run trained that step twice); saved at the end of fit instead, Lightning counts
+    # the unfinished epoch as done and the extended run skipped the rest of its batches
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--data.num_workers={workers}", *WARMUP]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 11, stops)
+    assert resumed == straight
+    lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")  # both runs' logs: one value per step
+    assert [lr[s] for s in range(11)] == pytest.approx(
+        [1e-4 * min(s + 1, 8) / 8 for s in range(11)], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("length", "workers", "stop"),
+    [("5", 2, 10), ("null", 0, 6)],  # epochs of 5 batches; one pass of 3 batches (6 groups, 2 per batch)
+)
+def test_a_run_resumed_from_an_epochs_last_batch_trains_the_next_epoch(
+    tmp_path, monkeypatch, length, workers, stop
+):
+    # a checkpoint at the last batch of epoch 1 (step `stop`): the resumed run skipped epoch 2's
+    # batches (its loader state continued epoch 1's empty remainder, which Lightning trained as epoch 2)
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--data.num_workers={workers}", f"--data.batches_per_epoch={length}"]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, stop + 4, [stop])
+    assert [epoch for epoch, _ in straight[stop - 1 : stop + 1]] == [1, 2]  # `stop` ends epoch 1
+    assert resumed == straight
+
+
+@pytest.mark.parametrize(("workers", "boundary"), [(0, 6), (2, 4)])  # passes of 3 and of 4 batches
+def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches(
+    tmp_path, monkeypatch, workers, boundary
+):
+    # one pass over the shards per epoch: stopped at an epoch's end, resumed 2 steps into the next
+    # epoch, resumed again. Lightning counts that epoch's batches on from the finished one's there,
+    # so the second checkpoint recorded a batch only prefetched as trained, and the second resume
+    # skipped it
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--data.num_workers={workers}", "--data.batches_per_epoch=null"]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 12, [boundary, boundary + 2])
+    assert resumed == straight
