@@ -45,12 +45,26 @@ class FinalStepCheckpoint(ModelCheckpoint):
     taken, not at the end of fit: by then Lightning counts the unfinished epoch as done, and a run
     extended from that checkpoint would skip the rest of the epoch's batches. Runs that end with an
     epoch (``max_epochs``) are saved at the end of fit. With ``save_last: link`` it is Lightning's.
+
+    A run that SIGTERM stops (a scheduler's preemption) is saved too: Lightning lets the step in
+    progress finish and stops after it, and ``last`` is written at that step's end, so the resumed run
+    goes on from the step the signal interrupted, not from the last periodic checkpoint. Only in a
+    single-process run: with several ranks the signal reaches each at its own step, and a save there
+    (a collective under FSDP) could pair up wrongly. Not in the middle of gradient accumulation, whose
+    gradients a checkpoint does not hold; the periodic checkpoint stays then.
     """
+
+    #: (path, step) of the ``last`` checkpoint written because SIGTERM stopped the run; None otherwise
+    saved_at_stop: tuple[str, int] | None = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         if 0 < trainer.max_steps <= trainer.global_step:
             self._save_final(trainer)
+        elif trainer.received_sigterm and _stops_after_this_step(trainer):
+            self._save_final(trainer)
+            if self.last_model_path and self._last_global_step_saved == trainer.global_step:
+                self.saved_at_stop = (self.last_model_path, int(trainer.global_step))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._save_final(trainer)
@@ -59,6 +73,12 @@ class FinalStepCheckpoint(ModelCheckpoint):
         # save_last: link keeps Lightning's meaning (a link to the newest top-k checkpoint)
         if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _stops_after_this_step(trainer: Any) -> bool:
+    """Whether a single-process run that received SIGTERM stops after this batch with a whole step's
+    state: Lightning stops after any batch, and this one stepped the optimizer (no accumulation pending)."""
+    return trainer.world_size == 1 and not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class WholeFileCheckpointIO(TorchCheckpointIO):

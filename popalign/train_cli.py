@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from popalign.checkpointing import (
     CKPT_NAMES,
+    FinalStepCheckpoint,
     check_ckpt_path,
     prepare_checkpointing,
     refuse_earlier_checkpoints,
@@ -274,6 +275,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
         return _build(args, run)
     except BaseException as stop:  # noqa: BLE001 - re-raised unless it is one of the stops below
         if sigterm_stop(stop):
+            saved = _saved_at_stop()
+            if saved:
+                resume = f"saved {saved[0]} at step {saved[1]}; resume with --ckpt_path last"
             print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         if isinstance(stop, KeyboardInterrupt) or (
@@ -327,6 +331,15 @@ def sigterm_stop(stop: BaseException) -> bool:
     if any(isinstance(err, SIGTERMException) for err in _chain(stop, "__context__")):
         return True
     return any(trainer.received_sigterm for trainer in _TRAINERS)
+
+
+def _saved_at_stop() -> tuple[str, int] | None:
+    """(path, step) of the checkpoint a :class:`FinalStepCheckpoint` wrote when SIGTERM stopped the run."""
+    for trainer in _TRAINERS:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, FinalStepCheckpoint) and callback.saved_at_stop:
+                return callback.saved_at_stop
+    return None
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import subprocess
 import tarfile
+import time
 
 import lightning as L
 import numpy as np
@@ -113,6 +117,28 @@ def test_split_by_worker_gives_each_group_once(tmp_path):
     for _ in range(2):  # two epochs
         keys = epoch_keys(dm, loader)
         assert sorted(keys) == sorted(f"p{i:04d}-g0000" for i in range(10))
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
+def test_data_workers_outlive_a_sigterm_their_parent_did_not_send(tmp_path):
+    # a scheduler signals every process of a job: torch's workers died of it, and the DataLoader failed
+    # the training step in progress (in the main process's SIGCHLD handler) instead of letting it finish
+    write_shards(tmp_path, 10, maxcount=2)
+    dm = PopulationDataModule(str(tmp_path), groups_per_batch=1, pairs_per_group=2, num_workers=2)
+    before = set(multiprocessing.active_children())
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    workers = [w for w in multiprocessing.active_children() if w not in before]
+    assert len(workers) == 2
+    subprocess.run(["kill", "-s", "TERM", *(str(w.pid) for w in workers)], check=True)
+    time.sleep(1)  # a worker's death would reach this process (SIGCHLD) here
+    assert all(w.is_alive() for w in workers)
+    assert len([next(batches) for _ in range(3)]) == 3
+    for w in workers:  # their parent's SIGTERM (a loader's or the interpreter's shutdown) still ends them
+        w.terminate()
+        w.join(timeout=10)
+    assert [w.exitcode for w in workers] == [0, 0]
+    del batches
 
 
 def test_split_by_node_uses_torch_distributed_rank(tmp_path, monkeypatch):

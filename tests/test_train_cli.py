@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -360,6 +362,12 @@ def _stopped_fit(capsys, args: list[str], signum: signal.Signals) -> tuple[int, 
 STOPPED_BY_SIGTERM = "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last"
 
 
+def _stopped_and_saved(path: Path, step: int) -> str:
+    return (
+        f"train.py: stopped by SIGTERM; saved {path.resolve()} at step {step}; resume with --ckpt_path last"
+    )
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     # Lightning shuts down gracefully and calls sys.exit(1); the popalign stages exit 130 on Ctrl-C
     monkeypatch.chdir(tmp_path)
@@ -375,11 +383,10 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
 
 
-def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_the_step_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     # a scheduler's preemption: Lightning stops fit with a SystemExit without a code, which exited 0
-    # as if the run had finished (and made the demo go on to export a checkpoint not yet written)
-    import os
-
+    # as if the run had finished (and made the demo go on to export a checkpoint not yet written);
+    # the step the signal interrupted finishes and is saved (it was lost: last.ckpt stayed at step 2)
     monkeypatch.chdir(tmp_path)
     assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
     capsys.readouterr()
@@ -392,8 +399,9 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
 
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
     code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
-    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
-    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
+    assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
+    assert torch.load(last, weights_only=False)["global_step"] == 3
     monkeypatch.setattr(PopAlignModule, "training_step", step)
     cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--ckpt_path=last", *QUIET])
     assert cli.trainer.global_step == 6
@@ -402,11 +410,10 @@ def test_sigterm_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypat
 def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     tmp_path, monkeypatch, capsys
 ):
-    # a scheduler signals the whole process group: the DataLoader workers die of the same SIGTERM (torch's
+    # a scheduler signals the whole process group: the DataLoader workers died of the same SIGTERM (torch's
     # worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that as a
-    # RuntimeError (a traceback, exit 1) wherever the run was
-    import multiprocessing
-    import os
+    # RuntimeError (a traceback, exit 1) wherever the run was; now they outlive it, so the step
+    # finishes and is saved, and the workers end with the loader
     import subprocess
     import time
 
@@ -427,8 +434,37 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
     code, err = _stopped_fit(capsys, ["--trainer.max_steps=6", "--data.num_workers=2"], signal.SIGTERM)
     assert len(signalled) == 2, "two data workers and this process get the signal"
-    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
+    last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
+    assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
     assert not any("Traceback" in line for line in err), err
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert not multiprocessing.active_children()
+
+
+def test_sigterm_in_the_middle_of_gradient_accumulation_keeps_the_periodic_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    # 2 batches per optimizer step in epochs of 5 batches (the epoch's last batch steps alone), a
+    # checkpoint every 2 steps: SIGTERM during batch 6 (step 3 done, the first half of step 4
+    # accumulated) stops after it; a checkpoint there would not hold the accumulated gradients, so
+    # the resumed run would take step 4 without batch 6
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+    step, batches = PopAlignModule.training_step, []
+
+    def preempted(self, batch, batch_idx):
+        batches.append(batch_idx)
+        if len(batches) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    args = ["--trainer.max_steps=6", "--trainer.accumulate_grad_batches=2"]
+    code, err = _stopped_fit(capsys, args, signal.SIGTERM)
+    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
+    assert len(batches) == 6
+    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_last_checkpoint_is_the_final_step_and_a_truncated_one_is_refused(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,10 @@ would: stopped mid-epoch, at an epoch's last batch, twice, or extended after it 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+import signal
 
 import pytest
 from test_train_cli import CONFIG, QUIET, WARMUP, _logged
@@ -13,15 +16,21 @@ from popalign.module import PopAlignModule
 from popalign.train_cli import cli_main
 
 
-def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int]):
+def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int], sigterm: bool = False):
     """(epoch, batch keys) of every training step of a run of ``total`` steps, and of the same run
-    stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch)."""
+    stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch).
+
+    The stops are ``max_steps``, or with ``sigterm`` a SIGTERM sent during step ``stop`` to this
+    process and its data workers, as a scheduler's preemption signals every process of a job."""
     assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
     trained: list[tuple[int, list[str]]] = []
-    step = PopAlignModule.training_step
+    step, stopping = PopAlignModule.training_step, [False]  # signals in the stopped runs only
 
     def recording(self, batch, batch_idx):
         trained.append((self.trainer.current_epoch, list(batch["keys"])))
+        if stopping[0] and self.trainer.global_step + 1 in stops:
+            for pid in [*(w.pid for w in multiprocessing.active_children()), os.getpid()]:
+                os.kill(pid, signal.SIGTERM)
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(PopAlignModule, "training_step", recording)
@@ -29,8 +38,19 @@ def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list
     cli_main([*fit, f"--trainer.max_steps={total}"])
     straight, trained[:] = list(trained), []
     shutil.rmtree("runs/tiny/checkpoints")
+    stopping[0] = sigterm
     for i, stop in enumerate([*stops, total]):
-        cli_main([*fit, f"--trainer.max_steps={stop}", *(["--ckpt_path=last"] if i else [])])
+        resume = ["--ckpt_path=last"] if i else []
+        if not sigterm or stop == total:
+            cli_main([*fit, f"--trainer.max_steps={stop}", *resume])
+            continue
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                cli_main([*fit, f"--trainer.max_steps={total}", *resume])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        assert stopped.value.code == 143
     return straight, trained
 
 
@@ -92,3 +112,18 @@ def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches
     flags = [f"--data.num_workers={workers}", "--data.batches_per_epoch=null"]
     straight, resumed = _straight_and_resumed(monkeypatch, flags, 12, [boundary, boundary + 2])
     assert resumed == straight
+
+
+@pytest.mark.parametrize(
+    ("workers", "stops"),
+    [(0, [3]), (2, [5]), (2, [3, 7])],  # off the checkpoint period (every 2 steps); 5 ends epoch 0
+)
+def test_a_run_stopped_by_sigterm_resumes_after_the_interrupted_step(tmp_path, monkeypatch, workers, stops):
+    # a preemption saved nothing: the resumed run went back to the last periodic checkpoint and trained
+    # the steps since it again; with data workers their deaths failed the step in progress
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--data.num_workers={workers}", *WARMUP]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 9, stops, sigterm=True)
+    assert resumed == straight
+    lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
+    assert [lr[s] for s in range(9)] == pytest.approx([1e-4 * min(s + 1, 8) / 8 for s in range(9)], rel=1e-6)

@@ -9,6 +9,9 @@ A run resumed mid-epoch continues the epoch's batches where its checkpoint left 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -273,6 +276,30 @@ class _EpochLoader(DataLoader):
         return [total // n + int(w < total % n) for w in range(n)], total % n
 
 
+def _outlive_foreign_sigterm(worker_id: int) -> None:
+    """Let a data worker outlive a SIGTERM that its parent did not send.
+
+    A scheduler's preemption signals every process of a job, and torch's workers die of a SIGTERM from
+    anyone but their parent: the DataLoader then failed the step in progress, where training would
+    otherwise finish the step, save it and stop (:class:`popalign.checkpointing.FinalStepCheckpoint`).
+    Here SIGTERM is blocked and one thread takes it with ``sigwaitinfo``, which names the sender: the
+    parent's (a loader shutting down, the interpreter's exit) ends the worker at once, as torch's own
+    handler does; others are ignored, and the worker ends with its loader or its parent (torch's
+    watchdog). Where ``sigwaitinfo`` is missing (macOS) torch's behaviour stays.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+
+    def take_sigterm() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=take_sigterm, name="popalign-sigterm", daemon=True).start()
+
+
 def distributed_info(trainer: Any = None) -> tuple[int, int]:
     """(rank, world size): from ``torch.distributed`` when initialised, else the trainer, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -409,6 +436,7 @@ class PopulationDataModule(L.LightningDataModule):
             trained_fn,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_outlive_foreign_sigterm if self.num_workers else None,
         )
 
     def _trainer_epoch(self) -> int | None:
