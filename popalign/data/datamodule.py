@@ -285,7 +285,9 @@ def _outlive_foreign_sigterm(worker_id: int) -> None:
     Here SIGTERM is blocked and one thread takes it with ``sigwaitinfo``, which names the sender: the
     parent's (a loader shutting down, the interpreter's exit) ends the worker at once, as torch's own
     handler does; others are ignored, and the worker ends with its loader or its parent (torch's
-    watchdog). Where ``sigwaitinfo`` is missing (macOS) torch's behaviour stays.
+    watchdog). Commands the worker starts (a ``pipe:`` shard's) inherit the blocked SIGTERM; they end
+    at their next write once the worker has closed their pipe. Where ``sigwaitinfo`` is missing
+    (macOS) torch's behaviour stays.
     """
     if not hasattr(signal, "sigwaitinfo"):
         return
