@@ -27,7 +27,7 @@ from typing import Any
 from popalign import files
 from popalign.demo_settings import DemoSettings, check_data_record, check_settings, load_config
 from popalign.errors import UserError
-from popalign.signals import Terminated, lightning_interrupt
+from popalign.signals import Terminated, lightning_interrupt, sigterm_deferred
 
 WORLD_DIR = Path(__file__).parent / "world"
 WORLD_AXES = [str(WORLD_DIR / "axes" / "shirt.yaml"), str(WORLD_DIR / "axes" / "tone.yaml")]
@@ -206,18 +206,19 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
 def _fit(args: list[str]) -> None:
     """``train.py ARGS`` in this process. Lightning answers Ctrl-C with ``sys.exit(1)`` (and ignores
-    SIGINT from then on), and so the :class:`Terminated` the ``popalign`` command raises on SIGTERM;
-    without that command's handler, SIGTERM ends fit with a ``SystemExit`` without a code, and data
-    workers killed by the same SIGTERM with an error (see ``sigterm_stop``). Here these become a
+    SIGINT from then on), and so a :class:`Terminated` raised before its own handler is in place.
+    SIGTERM once it is lets the step finish and saves it (``sigterm_deferred``), then ends fit with a
+    ``SystemExit`` without a code (see ``sigterm_stop``). Here these become a
     ``KeyboardInterrupt`` or :class:`Terminated` again, with SIGINT's handler put back, and a user
     error of the config a :class:`UserError`, so the demo reports either in one line (and does not go
     on to export)."""
-    from popalign.train_cli import _build, _user_error_in, sigterm_stop
+    from popalign.train_cli import _TRAINERS, _build, _user_error_in, sigterm_stop
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     try:
-        _build(args, True)
+        with sigterm_deferred(lambda: any(trainer.received_sigterm for trainer in _TRAINERS)):
+            _build(args, True)
     except SystemExit as err:
         if sigterm_stop(err) or (lightning_interrupt(err) and isinstance(err.__context__, Terminated)):
             raise Terminated from None

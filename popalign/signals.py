@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -41,6 +41,31 @@ def sigterm_interrupts() -> Iterator[None]:
     finally:
         # None: a handler set outside Python, which Python cannot put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextmanager
+def sigterm_deferred(deferred: Callable[[], bool]) -> Iterator[None]:
+    """Inside :func:`sigterm_interrupts`, a block where SIGTERM raises :class:`Terminated` only while
+    ``deferred()`` is false.
+
+    Lightning's handler during ``fit`` sets its trainer's flag and then calls the handler it found; with
+    ``deferred`` reading that flag, the step in progress finishes and is saved before fit stops, as
+    under ``train.py`` (:class:`popalign.checkpointing.FinalStepCheckpoint`), while a SIGTERM before or
+    after fit still raises at once. Elsewhere (SIGTERM ignored, not the main thread) it changes nothing."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+        yield
+        return
+
+    def unless_deferred(signum: int, frame: FrameType | None) -> None:
+        if not deferred():
+            raise Terminated
+
+    signal.signal(signal.SIGTERM, unless_deferred)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def lightning_interrupt(stop: SystemExit) -> bool:

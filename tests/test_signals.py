@@ -88,8 +88,9 @@ def test_sigterm_stops_generate_on_lightning(table, tiny_model, tmp_path, monkey
 def test_sigterm_during_the_demo_training_exits_143_and_the_demo_resumes(
     tiny_run, tmp_path, monkeypatch, capsys, sigterm_guard
 ):
-    # Lightning's SIGTERM handler during fit calls the command's after its own: the training stops
-    # like on Ctrl-C, and the rerun resumes it from its last checkpoint
+    # Lightning's SIGTERM handler during fit calls the command's after its own: the step in progress
+    # finishes and is saved (the command's handler raised inside it, and the demo lost the steps
+    # since the last periodic checkpoint), and the rerun resumes from there
     from popalign import demo
     from popalign.module import PopAlignModule
 
@@ -104,7 +105,7 @@ def test_sigterm_during_the_demo_training_exits_143_and_the_demo_resumes(
 
     def preempted(self, batch, batch_idx):
         if self.trainer.global_step == 2:  # after the first checkpoint (every 2 steps)
-            sigterm_self()
+            os.kill(os.getpid(), signal.SIGTERM)
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
@@ -117,7 +118,7 @@ def test_sigterm_during_the_demo_training_exits_143_and_the_demo_resumes(
         signal.signal(signal.SIGINT, sigint)
     assert (code, err.strip().splitlines()[-1]) == (143, STOPPED.format("demo")), err
     last = out / "train" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 2 and not exported
+    assert torch.load(last, weights_only=False)["global_step"] == 3 and not exported
     monkeypatch.setattr(PopAlignModule, "training_step", step)
     code, stdout, err = run_cli([*args, "--no-progress"], capsys)
     assert code == 0, err
@@ -164,3 +165,21 @@ def test_an_interrupted_image_shard_is_dropped_without_a_stray_error(tmp_path, m
         raise KeyboardInterrupt
     gc.collect()
     assert not unraisable and not list(tmp_path.glob("*.tar*"))
+
+
+def test_sigterm_deferred_raises_only_while_not_deferred(sigterm_guard):
+    from popalign.signals import Terminated, sigterm_deferred, sigterm_interrupts
+
+    deferred = [False]
+    with sigterm_interrupts():
+        with sigterm_deferred(lambda: deferred[0]):
+            with pytest.raises(Terminated):
+                sigterm_self()  # before fit: at once, as in every stage
+            deferred[0] = True  # Lightning's flag is set: the step goes on
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        with pytest.raises(Terminated):  # the stage's handler is back after the block
+            sigterm_self()
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+    with sigterm_deferred(lambda: False):  # outside a stage it leaves the handler alone
+        assert signal.getsignal(signal.SIGTERM) is sigterm_guard
