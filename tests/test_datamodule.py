@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
-import signal
 import subprocess
 import tarfile
 import time
@@ -119,10 +119,10 @@ def test_split_by_worker_gives_each_group_once(tmp_path):
         assert sorted(keys) == sorted(f"p{i:04d}-g0000" for i in range(10))
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
-def test_data_workers_outlive_a_sigterm_their_parent_did_not_send(tmp_path):
-    # a scheduler signals every process of a job: torch's workers died of it, and the DataLoader failed
-    # the training step in progress (in the main process's SIGCHLD handler) instead of letting it finish
+def _loader_and_workers(tmp_path):
+    # torch checks every registered worker on SIGCHLD and raises for the first dead one it finds: an
+    # earlier test's loader not yet collected (its killed workers still registered) must be gone
+    gc.collect()
     write_shards(tmp_path, 10, maxcount=2)
     dm = PopulationDataModule(str(tmp_path), groups_per_batch=1, pairs_per_group=2, num_workers=2)
     before = set(multiprocessing.active_children())
@@ -130,15 +130,34 @@ def test_data_workers_outlive_a_sigterm_their_parent_did_not_send(tmp_path):
     next(batches)
     workers = [w for w in multiprocessing.active_children() if w not in before]
     assert len(workers) == 2
+    return batches, workers
+
+
+def test_a_data_worker_killed_by_sigterm_fails_a_later_batch_not_the_step(tmp_path):
+    # a scheduler signals every process of a job: torch raised the workers' deaths in the main process
+    # (its SIGCHLD handler) in the middle of the training step, which Lightning would have finished
+    batches, workers = _loader_and_workers(tmp_path)
     subprocess.run(["kill", "-s", "TERM", *(str(w.pid) for w in workers)], check=True)
-    time.sleep(1)  # a worker's death would reach this process (SIGCHLD) here
-    assert all(w.is_alive() for w in workers)
-    assert len([next(batches) for _ in range(3)]) == 3
-    for w in workers:  # their parent's SIGTERM (a loader's or the interpreter's shutdown) still ends them
-        w.terminate()
-        w.join(timeout=10)
-    assert [w.exitcode for w in workers] == [0, 0]
+    time.sleep(1)  # "the step": the deaths reach this process here
+    assert not any(w.is_alive() for w in workers)
+    failure = ""
+    try:  # not pytest.raises: its record of the error would keep the loader, and its workers registered
+        for _ in range(20):  # the batches the workers made before they died come first
+            next(batches)
+    except RuntimeError as err:
+        failure = str(err)
+    assert "exited unexpectedly" in failure
     del batches
+    gc.collect()  # the loader unregisters its workers
+
+
+def test_a_data_worker_killed_otherwise_still_fails_at_once(tmp_path):
+    batches, workers = _loader_and_workers(tmp_path)
+    with pytest.raises(RuntimeError, match="is killed by signal"):
+        subprocess.run(["kill", "-s", "KILL", str(workers[0].pid)], check=True)
+        time.sleep(5)
+    del batches
+    gc.collect()
 
 
 def test_split_by_node_uses_torch_distributed_rank(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """The training DataLoader: epochs the trainer names, passes resumed where a checkpoint left them,
-and data workers that outlive a scheduler's SIGTERM. :class:`popalign.data.PopulationDataModule`
-builds it over a :class:`popalign.data.datamodule.PopulationStream`."""
+and a data worker killed by a scheduler's SIGTERM reported at a later batch rather than inside the
+step. :class:`popalign.data.PopulationDataModule` builds it over a
+:class:`popalign.data.datamodule.PopulationStream`."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -34,8 +36,8 @@ class EpochLoader(DataLoader):
     epoch, yet Lightning trains the pass it asks for then as the next epoch: that pass is the next
     epoch's, whole (an empty remainder would leave Lightning's next epoch without batches).
 
-    Its workers outlive a SIGTERM their parent did not send (:func:`_outlive_foreign_sigterm`)
-    unless ``worker_init_fn`` is given.
+    A worker that SIGTERM kills fails a later batch, not the step in progress
+    (:func:`_defer_sigterm_deaths`).
     """
 
     def __init__(
@@ -45,8 +47,6 @@ class EpochLoader(DataLoader):
         trained_fn: Callable[[], int | None] | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("num_workers"):
-            kwargs.setdefault("worker_init_fn", _outlive_foreign_sigterm)
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._trained_fn, self._passes = epoch_fn, trained_fn, 0
         self._epoch, self._skipped, self._made_by = 0, [0] * self._workers, []  # this pass
@@ -66,7 +66,10 @@ class EpochLoader(DataLoader):
         self._skipped, first = self._resume_point()
         self._made_by, self._ended = [], False
         self.dataset.set_epoch(self._epoch, self._skipped, first)
-        return self._untagged(super().__iter__())
+        batches = super().__iter__()
+        if self.num_workers:
+            _defer_sigterm_deaths()  # after torch has set its own SIGCHLD handler
+        return self._untagged(batches)
 
     def _untagged(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in batches:
@@ -118,27 +121,42 @@ class EpochLoader(DataLoader):
         return [total // n + int(w < total % n) for w in range(n)], total % n
 
 
-def _outlive_foreign_sigterm(worker_id: int) -> None:
-    """Let a data worker outlive a SIGTERM that its parent did not send.
+def _defer_sigterm_deaths() -> None:
+    """Make a data worker's death by SIGTERM fail a later batch instead of the step in progress.
 
-    A scheduler's preemption signals every process of a job, and torch's workers die of a SIGTERM from
-    anyone but their parent: the DataLoader then failed the step in progress, where training would
-    otherwise finish the step, save it and stop (:class:`popalign.checkpointing.FinalStepCheckpoint`).
-    Here SIGTERM is blocked and one thread takes it with ``sigwaitinfo``, which names the sender: the
-    parent's (a loader shutting down, the interpreter's exit) ends the worker at once, as torch's own
-    handler does; others are ignored, and the worker ends with its loader or its parent (torch's
-    watchdog). Commands the worker starts (a ``pipe:`` shard's) inherit the blocked SIGTERM; they end
-    at their next write once the worker has closed their pipe. Where ``sigwaitinfo`` is missing
-    (macOS) torch's behaviour stays.
+    A scheduler's preemption signals every process of a job. torch's workers die of a SIGTERM their
+    parent did not send, and torch's SIGCHLD handler raises that death in the main process wherever it
+    is, in the middle of a training step, where Lightning would otherwise finish the step, save it and
+    stop (:class:`popalign.checkpointing.FinalStepCheckpoint`). This wraps that handler, once per
+    process: an error for a worker that SIGTERM killed is dropped (checked with ``waitid``, which
+    leaves the worker to be reaped as before), and any other error is raised as it was. The loader
+    still reports the dead worker once the batches made before its death are used up ("exited
+    unexpectedly"), so a SIGTERM that reached only the workers fails training a few steps later.
     """
-    if not hasattr(signal, "sigwaitinfo"):
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
         return
-    parent = os.getppid()
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler) or getattr(torch_handler, "defers_sigterm_deaths", False):
+        return
 
-    def take_sigterm() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(0)
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as err:
+            if not _killed_by_sigterm(err):
+                raise
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=take_sigterm, name="popalign-sigterm", daemon=True).start()
+    handler.defers_sigterm_deaths = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, handler)
+
+
+def _killed_by_sigterm(err: RuntimeError) -> bool:
+    # torch: "DataLoader worker (pid N) is killed by signal: Terminated." (found with waitid WNOWAIT)
+    found = re.search(r"DataLoader worker \(pid (\d+)\) is killed by signal", str(err))
+    if found is None:
+        return False
+    try:
+        info = os.waitid(os.P_PID, int(found.group(1)), os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return info is not None and info.si_code == os.CLD_KILLED and info.si_status == signal.SIGTERM
