@@ -51,7 +51,9 @@ class FinalStepCheckpoint(ModelCheckpoint):
     goes on from the step the signal interrupted, not from the last periodic checkpoint. Only in a
     single-process run: with several ranks the signal reaches each at its own step, and a save there
     (a collective under FSDP) could pair up wrongly. Not in the middle of gradient accumulation, whose
-    gradients a checkpoint does not hold; the periodic checkpoint stays then.
+    gradients a checkpoint does not hold; the periodic checkpoint stays then. A signal that arrives
+    just after this hook ran is saved when fit stops (:meth:`on_exception`), unless the batch was its
+    epoch's last.
     """
 
     #: (path, step) of the ``last`` checkpoint written because SIGTERM stopped the run; None otherwise
@@ -62,9 +64,20 @@ class FinalStepCheckpoint(ModelCheckpoint):
         if 0 < trainer.max_steps <= trainer.global_step:
             self._save_final(trainer)
         elif trainer.received_sigterm and _stops_after_this_step(trainer):
-            self._save_final(trainer)
-            if self.last_model_path and self._last_global_step_saved == trainer.global_step:
-                self.saved_at_stop = (self.last_model_path, int(trainer.global_step))
+            self._save_at_stop(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # SIGTERM that came after this hook ran for the last batch: Lightning stops at its own check
+        # after the batch, or, when the signal also killed the data workers, the next batch's fetch
+        # fails first. Either way the last step is whole and unsaved.
+        if trainer.received_sigterm and _between_batches_mid_epoch(trainer):
+            self._save_at_stop(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
+    def _save_at_stop(self, trainer: Any) -> None:
+        self._save_final(trainer)
+        if self.last_model_path and self._last_global_step_saved == trainer.global_step:
+            self.saved_at_stop = (self.last_model_path, int(trainer.global_step))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._save_final(trainer)
@@ -79,6 +92,19 @@ def _stops_after_this_step(trainer: Any) -> bool:
     """Whether a single-process run that received SIGTERM stops after this batch with a whole step's
     state: Lightning stops after any batch, and this one stepped the optimizer (no accumulation pending)."""
     return trainer.world_size == 1 and not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def _between_batches_mid_epoch(trainer: Any) -> bool:
+    """Whether a single-process run stopped while training between two batches of an epoch, after one
+    that stepped the optimizer: no batch in flight (as many ready as completed), not the epoch's last
+    (a checkpoint there would resume one epoch ahead), not validating."""
+    if trainer.world_size != 1 or not trainer.training or trainer.validating or trainer.sanity_checking:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    done = progress.current.completed
+    return (
+        0 < done == progress.current.ready and not progress.is_last_batch and _stops_after_this_step(trainer)
+    )
 
 
 class WholeFileCheckpointIO(TorchCheckpointIO):

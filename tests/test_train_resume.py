@@ -16,24 +16,33 @@ from popalign.module import PopAlignModule
 from popalign.train_cli import cli_main
 
 
-def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int], sigterm: bool = False):
+def _straight_and_resumed(monkeypatch, flags: list[str], total: int, stops: list[int], sigterm: str = ""):
     """(epoch, batch keys) of every training step of a run of ``total`` steps, and of the same run
     stopped after each of ``stops`` and resumed from ``last`` each time (6 tiny groups, 2 per batch).
 
-    The stops are ``max_steps``, or with ``sigterm`` a SIGTERM sent during step ``stop`` to this
-    process and its data workers, as a scheduler's preemption signals every process of a job."""
+    The stops are ``max_steps``, or with ``sigterm`` a SIGTERM sent to this process and its data
+    workers, as a scheduler's preemption signals every process of a job: during step ``stop``
+    (``"step"``), or once it ended, after the checkpoint callback's hook (``"late"``)."""
     assert main(["tiny", "--out", "runs/tiny", "--groups", "6"]) == 0
     trained: list[tuple[int, list[str]]] = []
-    step, stopping = PopAlignModule.training_step, [False]  # signals in the stopped runs only
+    step, stopping, sent = PopAlignModule.training_step, [""], set()  # signals in the stopped runs only
+
+    def preempt(at: int, when: str) -> None:
+        if stopping[0] == when and at in stops and at not in sent:  # once per stop
+            sent.add(at)
+            for pid in [*(w.pid for w in multiprocessing.active_children()), os.getpid()]:
+                os.kill(pid, signal.SIGTERM)
 
     def recording(self, batch, batch_idx):
         trained.append((self.trainer.current_epoch, list(batch["keys"])))
-        if stopping[0] and self.trainer.global_step + 1 in stops:
-            for pid in [*(w.pid for w in multiprocessing.active_children()), os.getpid()]:
-                os.kill(pid, signal.SIGTERM)
+        preempt(self.trainer.global_step + 1, "step")
         return step(self, batch, batch_idx)
 
+    def after_the_batch(self, outputs, batch, batch_idx):  # the module's hook runs after the callbacks'
+        preempt(self.trainer.global_step, "late")
+
     monkeypatch.setattr(PopAlignModule, "training_step", recording)
+    monkeypatch.setattr(PopAlignModule, "on_train_batch_end", after_the_batch, raising=False)
     fit = ["fit", "--config", CONFIG, *flags, *QUIET]
     cli_main([*fit, f"--trainer.max_steps={total}"])
     straight, trained[:] = list(trained), []
@@ -115,15 +124,27 @@ def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches
 
 
 @pytest.mark.parametrize(
-    ("workers", "stops"),
-    [(0, [3]), (2, [5]), (2, [3, 7])],  # off the checkpoint period (every 2 steps); 5 ends epoch 0
+    ("workers", "stops", "when"),
+    # off the checkpoint period (every 2 steps); 5 ends epoch 0 (a late signal there is not saved)
+    [(0, [3], "step"), (2, [5], "step"), (2, [3, 7], "step"), (0, [3], "late"), (2, [3, 7], "late")],
 )
-def test_a_run_stopped_by_sigterm_resumes_after_the_interrupted_step(tmp_path, monkeypatch, workers, stops):
+def test_a_run_stopped_by_sigterm_resumes_after_the_interrupted_step(
+    tmp_path, monkeypatch, workers, stops, when
+):
     # a preemption saved nothing: the resumed run went back to the last periodic checkpoint and trained
     # the steps since it again; with data workers their deaths failed the step in progress
     monkeypatch.chdir(tmp_path)
     flags = [f"--data.num_workers={workers}", *WARMUP]
-    straight, resumed = _straight_and_resumed(monkeypatch, flags, 9, stops, sigterm=True)
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 9, stops, sigterm=when)
     assert resumed == straight
     lr = _logged(tmp_path / "runs/tiny/logs", "lr-AdamW")
     assert [lr[s] for s in range(9)] == pytest.approx([1e-4 * min(s + 1, 8) / 8 for s in range(9)], rel=1e-6)
+
+
+def test_a_sigterm_just_after_an_epochs_last_batch_resumes_from_the_checkpoint_before(tmp_path, monkeypatch):
+    # the signal arrives after step 5, the last of epoch 0, was saved: a checkpoint taken as fit
+    # stops there resumed one epoch ahead (Lightning has not yet moved to the next epoch), so none
+    # is taken, and the run resumes from step 4 and trains step 5 again
+    monkeypatch.chdir(tmp_path)
+    straight, resumed = _straight_and_resumed(monkeypatch, WARMUP, 9, [5], sigterm="late")
+    assert resumed == straight[:5] + straight[4:]
