@@ -17,6 +17,7 @@ final step, and a ``--ckpt_path`` checked before anything starts.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -28,6 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from popalign.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: ``--ckpt_path`` values Lightning resolves itself
 CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -75,7 +78,13 @@ class FinalStepCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     def _save_at_stop(self, trainer: Any) -> None:
-        self._save_final(trainer)
+        # the run stops either way: a save that fails (a full disk) is reported, and the previous
+        # last.ckpt stays whole (WholeFileCheckpointIO) for the resume
+        try:
+            self._save_final(trainer)
+        except Exception as err:  # noqa: BLE001 - reported; the SIGTERM stop goes on
+            log.warning("could not save step %d as SIGTERM stopped the run: %s", trainer.global_step, err)
+            return
         if self.last_model_path and self._last_global_step_saved == trainer.global_step:
             self.saved_at_stop = (self.last_model_path, int(trainer.global_step))
 

@@ -407,6 +407,37 @@ def test_sigterm_saves_the_step_exits_143_with_one_line_and_the_run_resumes(tmp_
     assert cli.trainer.global_step == 6
 
 
+def test_a_save_that_fails_at_the_sigterm_stop_is_reported_and_the_previous_checkpoint_kept(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    from popalign.checkpointing import WholeFileCheckpointIO
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+    step, save = PopAlignModule.training_step, WholeFileCheckpointIO.save_checkpoint
+
+    def preempted(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    def disk_full_at_step_3(self, checkpoint, path, storage_options=None):
+        if checkpoint["global_step"] == 3:
+            raise OSError(28, "No space left on device")
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    monkeypatch.setattr(WholeFileCheckpointIO, "save_checkpoint", disk_full_at_step_3)
+    with caplog.at_level(logging.WARNING, logger="popalign.checkpointing"):
+        code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
+    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
+    assert (
+        "could not save step 3 as SIGTERM stopped the run: [Errno 28] No space left on device" in caplog.text
+    )
+    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     tmp_path, monkeypatch, capsys
 ):
