@@ -443,8 +443,8 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
 ):
     # a scheduler signals the whole process group: the DataLoader workers died of the same SIGTERM (torch's
     # worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that as a
-    # RuntimeError (a traceback, exit 1) wherever the run was; now they outlive it, so the step
-    # finishes and is saved, and the workers end with the loader
+    # RuntimeError (a traceback, exit 1) wherever the run was; now the loader reports their deaths at
+    # a later batch, so the step finishes and is saved
     import subprocess
     import time
 
