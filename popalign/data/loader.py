@@ -132,8 +132,9 @@ def _defer_sigterm_deaths() -> None:
     leaves the worker to be reaped as before), and any other error is raised as it was. The loader
     still reports the dead worker once the batches made before its death are used up ("exited
     unexpectedly"), so a SIGTERM that reached only the workers fails training a few steps later.
-    torch stops its check at the first dead worker it finds: until that worker's loader shuts down,
-    another worker's failure is likewise reported only by its loader.
+    torch stops its check at the first dead worker registered: while a SIGTERM-killed worker stays
+    registered (its loader not shut down; Lightning leaves it so when SIGTERM stops fit), another
+    worker's failure in the same process is likewise reported only when its own loader next waits.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
         return
