@@ -212,12 +212,12 @@ def _fit(args: list[str]) -> None:
     ``KeyboardInterrupt`` or :class:`Terminated` again, with SIGINT's handler put back, and a user
     error of the config a :class:`UserError`, so the demo reports either in one line (and does not go
     on to export)."""
-    from popalign.train_cli import _TRAINERS, _build, _user_error_in, sigterm_stop
+    from popalign.train_cli import _build, _user_error_in, received_sigterm, sigterm_stop
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with sigterm_deferred(lambda: any(trainer.received_sigterm for trainer in _TRAINERS)):
+        with sigterm_deferred(received_sigterm):
             _build(args, True)
     except SystemExit as err:
         if sigterm_stop(err) or (lightning_interrupt(err) and isinstance(err.__context__, Terminated)):

@@ -330,6 +330,11 @@ def sigterm_stop(stop: BaseException) -> bool:
 
     if any(isinstance(err, SIGTERMException) for err in _chain(stop, "__context__")):
         return True
+    return received_sigterm()
+
+
+def received_sigterm() -> bool:
+    """Whether a trainer of the current run has received SIGTERM (Lightning's handler sets the flag)."""
     return any(trainer.received_sigterm for trainer in _TRAINERS)
 
 
