@@ -107,7 +107,7 @@ def _between_batches_mid_epoch(trainer: Any) -> bool:
     """Whether a single-process run stopped while training between two batches of an epoch, after one
     that stepped the optimizer: no batch in flight (as many ready as completed), not the epoch's last
     (a checkpoint there would resume one epoch ahead), not validating."""
-    if trainer.world_size != 1 or not trainer.training or trainer.validating or trainer.sanity_checking:
+    if not trainer.training or trainer.validating or trainer.sanity_checking:
         return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     done = progress.current.completed
