@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from popalign.cli import main
-from popalign.module import PopAlignModule
 from popalign.train_cli import cli_main
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -345,157 +341,6 @@ def test_rich_progress_bar_shows_no_negative_epoch_and_an_integer_version(
     args = ["fit", "--config", CONFIG, "--trainer.max_steps=-1", "--trainer.max_epochs=1"]
     cli = cli_main([*args, "--trainer.limit_train_batches=1"])
     assert cli.trainer.max_epochs == 1 and "Epoch 0/0 " in capsys.readouterr().out
-
-
-def _stopped_fit(capsys, args: list[str], signum: signal.Signals) -> tuple[int, list[str]]:
-    """``train.py ARGS``, which a signal (sent or simulated by the test) stops: its exit status and
-    stderr lines. The signal's handler is put back afterwards (Lightning leaves its own, or SIG_IGN)."""
-    previous = signal.getsignal(signum)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            cli_main(["fit", "--config", CONFIG, *args, *QUIET])
-    finally:
-        signal.signal(signum, previous)
-    return stop.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-STOPPED_BY_SIGTERM = "train.py: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path last"
-
-
-def _stopped_and_saved(path: Path, step: int) -> str:
-    return (
-        f"train.py: stopped by SIGTERM; saved {path.resolve()} at step {step}; resume with --ckpt_path last"
-    )
-
-
-def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
-    # Lightning shuts down gracefully and calls sys.exit(1); the popalign stages exit 130 on Ctrl-C
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-
-    def interrupted(self, batch, batch_idx):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(PopAlignModule, "training_step", interrupted)
-    code, err = _stopped_fit(capsys, ["--trainer.max_steps=2"], signal.SIGINT)
-    assert code == 130
-    assert err[-1] == "train.py: interrupted; resume from the last checkpoint with --ckpt_path last", err
-
-
-def test_sigterm_saves_the_step_exits_143_with_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
-    # a scheduler's preemption: Lightning stops fit with a SystemExit without a code, which exited 0
-    # as if the run had finished (and made the demo go on to export a checkpoint not yet written);
-    # the step the signal interrupted finishes and is saved (it was lost: last.ckpt stayed at step 2)
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-    step = PopAlignModule.training_step
-
-    def preempted(self, batch, batch_idx):
-        if self.trainer.global_step == 2:  # after the first checkpoint (every 2 steps)
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets a flag; the loop stops
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
-    last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
-    assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
-    assert torch.load(last, weights_only=False)["global_step"] == 3
-    monkeypatch.setattr(PopAlignModule, "training_step", step)
-    cli = cli_main(["fit", "--config", CONFIG, "--trainer.max_steps=6", "--ckpt_path=last", *QUIET])
-    assert cli.trainer.global_step == 6
-
-
-def test_a_save_that_fails_at_the_sigterm_stop_is_reported_and_the_previous_checkpoint_kept(
-    tmp_path, monkeypatch, capsys, caplog
-):
-    from popalign.checkpointing import WholeFileCheckpointIO
-
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-    step, save = PopAlignModule.training_step, WholeFileCheckpointIO.save_checkpoint
-
-    def preempted(self, batch, batch_idx):
-        if self.trainer.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, batch_idx)
-
-    def disk_full_at_step_3(self, checkpoint, path, storage_options=None):
-        if checkpoint["global_step"] == 3:
-            raise OSError(28, "No space left on device")
-        return save(self, checkpoint, path, storage_options)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    monkeypatch.setattr(WholeFileCheckpointIO, "save_checkpoint", disk_full_at_step_3)
-    with caplog.at_level(logging.WARNING, logger="popalign.checkpointing"):
-        code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
-    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
-    assert (
-        "could not save step 3 as SIGTERM stopped the run: [Errno 28] No space left on device" in caplog.text
-    )
-    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
-
-
-def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
-    tmp_path, monkeypatch, capsys
-):
-    # a scheduler signals the whole process group: the DataLoader workers died of the same SIGTERM (torch's
-    # worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that as a
-    # RuntimeError (a traceback, exit 1) wherever the run was; now the loader reports their deaths at
-    # a later batch, so the step finishes and is saved
-    import subprocess
-    import time
-
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
-    capsys.readouterr()
-    step = PopAlignModule.training_step
-    signalled = []
-
-    def preempted(self, batch, batch_idx):
-        if self.trainer.global_step == 2 and not signalled:
-            signalled.extend(w.pid for w in multiprocessing.active_children())
-            pids = [str(pid) for pid in (*signalled, os.getpid())]
-            subprocess.run(["kill", "-s", "TERM", *pids], check=True)  # sent by another process
-            time.sleep(2)  # the workers' deaths reach this process while it is inside the step
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    code, err = _stopped_fit(capsys, ["--trainer.max_steps=6", "--data.num_workers=2"], signal.SIGTERM)
-    assert len(signalled) == 2, "two data workers and this process get the signal"
-    last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
-    assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
-    assert not any("Traceback" in line for line in err), err
-    assert torch.load(last, weights_only=True)["global_step"] == 3
-    assert not multiprocessing.active_children()
-
-
-def test_sigterm_in_the_middle_of_gradient_accumulation_keeps_the_periodic_checkpoint(
-    tmp_path, monkeypatch, capsys
-):
-    # 2 batches per optimizer step in epochs of 5 batches (the epoch's last batch steps alone), a
-    # checkpoint every 2 steps: SIGTERM during batch 6 (step 3 done, the first half of step 4
-    # accumulated) stops after it; a checkpoint there would not hold the accumulated gradients, so
-    # the resumed run would take step 4 without batch 6
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-    step, batches = PopAlignModule.training_step, []
-
-    def preempted(self, batch, batch_idx):
-        batches.append(batch_idx)
-        if len(batches) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
-    args = ["--trainer.max_steps=6", "--trainer.accumulate_grad_batches=2"]
-    code, err = _stopped_fit(capsys, args, signal.SIGTERM)
-    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
-    assert len(batches) == 6
-    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_last_checkpoint_is_the_final_step_and_a_truncated_one_is_refused(tmp_path, monkeypatch, capsys):
