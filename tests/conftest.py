@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,6 +122,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     the minutes-long build at once (and no other worker waits on its lock) while the other runs the
     rest."""
     items.sort(key=lambda item: "world_base" not in getattr(item, "fixturenames", ()))
+
+
+def replace_build(monkeypatch, fake) -> None:
+    """Stand ``fake`` in for ``train_cli._build`` and start, as ``_build`` does, with no trainers: a
+    SIGTERM-stopped trainer an earlier test left alive in this process would make any stop (a Ctrl-C,
+    a config error) read as SIGTERM."""
+    from popalign import train_cli
+
+    monkeypatch.setattr(train_cli, "_build", fake)
+    monkeypatch.setattr(train_cli, "_TRAINERS", weakref.WeakSet())
 
 
 @pytest.fixture

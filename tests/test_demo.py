@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import weakref
 
 import pytest
-from conftest import all_threads
+from conftest import all_threads, replace_build
 
 from popalign.demo import run_demo
 from popalign.demo_settings import DemoSettings
@@ -53,7 +52,6 @@ def test_a_stopped_training_ends_the_demo_as_an_interruption(monkeypatch, stop):
     # and a stop by SIGTERM is told apart from Ctrl-C, for the popalign command's exit status
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import popalign.train_cli
     from popalign.demo import _fit
     from popalign.signals import Terminated
 
@@ -65,9 +63,7 @@ def test_a_stopped_training_ends_the_demo_as_an_interruption(monkeypatch, stop):
         except KeyboardInterrupt:
             raise SystemExit(1)  # Lightning's graceful shutdown after a KeyboardInterrupt  # noqa: B904
 
-    monkeypatch.setattr(popalign.train_cli, "_build", stopped)
-    # _build starts each run with no trainers; earlier tests' SIGTERM-stopped trainers may still live
-    monkeypatch.setattr(popalign.train_cli, "_TRAINERS", weakref.WeakSet())
+    replace_build(monkeypatch, stopped)
     with pytest.raises(KeyboardInterrupt) as info:
         _fit(["fit", "--config", "x.yaml"])
     assert type(info.value) is (KeyboardInterrupt if stop == "ctrl_c" else Terminated)
@@ -89,7 +85,6 @@ def test_data_workers_killed_by_the_same_sigterm_end_the_demo_as_stopped(monkeyp
         train_cli._TRAINERS.add(trainer)
         raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
 
-    monkeypatch.setattr(train_cli, "_build", workers_killed)
-    monkeypatch.setattr(train_cli, "_TRAINERS", weakref.WeakSet())  # as _build starts a run
+    replace_build(monkeypatch, workers_killed)
     with pytest.raises(Terminated):
         _fit(["fit", "--config", "x.yaml"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import replace_build
 
 from popalign import demo, demo_compare, demo_settings
 from popalign.cli import main as cli_main
@@ -150,7 +151,6 @@ def test_stage_error_names_the_stage_once(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_training_is_a_keyboard_interrupt(monkeypatch):
-    from popalign import train_cli
 
     def lightning_fit(args, run):
         # what Lightning does on Ctrl-C: catch it, ignore SIGINT from then on, sys.exit(1)
@@ -163,7 +163,7 @@ def test_interrupted_training_is_a_keyboard_interrupt(monkeypatch):
     # a process started in the background by a non-interactive shell inherits SIGINT ignored: install
     # Python's usual handler, so that the signal below is the Ctrl-C of a terminal
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr(train_cli, "_build", lightning_fit)
+    replace_build(monkeypatch, lightning_fit)
     try:
         with pytest.raises(KeyboardInterrupt):
             demo._fit(["fit"])
@@ -174,7 +174,7 @@ def test_interrupted_training_is_a_keyboard_interrupt(monkeypatch):
     def config_error(args, run):
         raise ValueError("while instantiating") from UserError("model: lora_rank must be >= 1")
 
-    monkeypatch.setattr(train_cli, "_build", config_error)
+    replace_build(monkeypatch, config_error)
     with pytest.raises(UserError, match="^train: model: lora_rank must be >= 1$"):
         demo._fit(["fit"])
 
