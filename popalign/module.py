@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -113,6 +116,7 @@ class PopAlignModule(OptimizerHooks):
                 f"model: prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
         self._batch_checked = False
+        self._noise_generator: torch.Generator | None = None  # see _training_generator
         # float32 always, so not a buffer: precision plugins cast float buffers (FSDP's bf16
         # MixedPrecision, bf16-true), and in bf16 1 - alpha_bar rounds to 0 at the first timesteps
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.clone().float()
@@ -202,6 +206,21 @@ class PopAlignModule(OptimizerHooks):
         t = torch.randint(0, steps, (p,), generator=generator, device=latents.device)
         return noise.repeat(2, 1, 1, 1), t.repeat(2)
 
+    def _training_generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator of this training batch's noise and timesteps, seeded from the run's seed
+        (``seed_everything``), this process's rank and the batch's index in the run: ranks draw their
+        own noise (the global generator, seeded alike on every rank, gave every rank the same ε and t
+        in each step), and a resumed run draws what the run it continues would have drawn. None (the
+        global generator) outside a trainer. Reseeding a generator costs no device synchronisation."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        words = np.random.SeedSequence([run_seed, trainer.global_rank, trainer.fit_loop.total_batch_idx])
+        if self._noise_generator is None or self._noise_generator.device != device:
+            self._noise_generator = torch.Generator(device=device)
+        return self._noise_generator.manual_seed(int(words.generate_state(1, np.uint64)[0] >> 1))
+
     def compute_objective(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> ObjectiveOutput:
         """Per-sample denoising errors of policy (and reference) for given noise and timesteps -> objective.
 
@@ -262,7 +281,9 @@ class PopAlignModule(OptimizerHooks):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.check_batch_fits(batch)
-        noise, t = self.noise_and_timesteps(batch["latents"])
+        noise, t = self.noise_and_timesteps(
+            batch["latents"], self._training_generator(batch["latents"].device)
+        )
         out = self.compute_objective(batch, noise, t)
         n = batch["latents"].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -53,6 +54,26 @@ def test_pairs_share_noise_and_timestep(tiny_model, batch_factory):
     assert not torch.equal(noise[0], noise[1])
     with pytest.raises(ValueError, match="even number"):
         m.noise_and_timesteps(batch["latents"][:5])
+
+
+def test_training_noise_is_drawn_per_rank_and_batch_from_the_run_seed(tiny_model, batch_factory, monkeypatch):
+    # every rank is seeded alike (seed_everything), so the global generator gave every rank the same
+    # noise and timesteps in each step, and a resumed run drew other noise than the run it continued
+    m = _module(tiny_model)
+    latents = batch_factory(pairs=3)["latents"]
+
+    def drawn(seed: int, rank: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+        m._trainer = SimpleNamespace(global_rank=rank, fit_loop=SimpleNamespace(total_batch_idx=batch))
+        torch.manual_seed(rank * 100 + batch)  # the global generator's state must not matter
+        return m.noise_and_timesteps(latents, m._training_generator(latents.device))
+
+    first = drawn(0, 0, 5)
+    assert all(torch.equal(a, b) for a, b in zip(first, drawn(0, 0, 5), strict=True))
+    for other in (drawn(0, 1, 5), drawn(0, 0, 6), drawn(1, 0, 5)):  # another rank, batch, run seed
+        assert not torch.equal(first[0], other[0])
+    m._trainer = None
+    assert m._training_generator(latents.device) is None  # outside a trainer: the global generator
 
 
 def test_step_gradients_reach_policy_only(tiny_model, batch_factory):
