@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from popalign.errors import UserError
+from popalign.preemption import stop_agreed
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ class FinalStepCheckpoint(ModelCheckpoint):
 
     A run that SIGTERM stops (a scheduler's preemption) is saved too: Lightning lets the step in
     progress finish and stops after it, and ``last`` is written at that step's end, so the resumed run
-    goes on from the step the signal interrupted, not from the last periodic checkpoint. Only in a
-    single-process run: with several ranks the signal reaches each at its own step, and a save there
-    (a collective under FSDP) could pair up wrongly. Not in the middle of gradient accumulation, whose
-    gradients a checkpoint does not hold; the periodic checkpoint stays then. A signal that arrives
-    just after this hook ran is saved when fit stops (:meth:`on_exception`), unless the batch was its
-    epoch's last.
+    goes on from the step the signal interrupted, not from the last periodic checkpoint. With several
+    ranks, the signal reaches each at its own step: they save the step they agreed to stop after
+    (:class:`~popalign.preemption.AgreedSigtermStop`), all together, as the save is a collective under
+    FSDP. Not in the middle of gradient accumulation, whose gradients a checkpoint does not hold; the
+    periodic checkpoint stays then. In a single-process run, a signal that arrives just after this
+    hook ran is saved when fit stops (:meth:`on_exception`), unless the batch was its epoch's last.
     """
 
     #: (path, step) of the ``last`` checkpoint written because SIGTERM stopped the run; None otherwise
@@ -98,16 +99,21 @@ class FinalStepCheckpoint(ModelCheckpoint):
 
 
 def _stops_after_this_step(trainer: Any) -> bool:
-    """Whether a single-process run that received SIGTERM stops after this batch with a whole step's
-    state: Lightning stops after any batch, and this one stepped the optimizer (no accumulation pending)."""
-    return trainer.world_size == 1 and not trainer.fit_loop.epoch_loop._should_accumulate()
+    """Whether a run that received SIGTERM stops after this batch with a whole step's state, on every
+    rank: Lightning stops after any batch of a single-process run, and after the batch its ranks agreed
+    on in a run of several (:class:`~popalign.preemption.AgreedSigtermStop`); and this batch stepped
+    the optimizer (no accumulation pending)."""
+    return (
+        trainer.world_size == 1 or stop_agreed(trainer)
+    ) and not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def _between_batches_mid_epoch(trainer: Any) -> bool:
     """Whether a single-process run stopped while training between two batches of an epoch, after one
     that stepped the optimizer: no batch in flight (as many ready as completed), not the epoch's last
-    (a checkpoint there would resume one epoch ahead), not validating."""
-    if not trainer.training or trainer.validating or trainer.sanity_checking:
+    (a checkpoint there would resume one epoch ahead), not validating. Never with several ranks: the
+    stop that brings each here is its own, and a save is a collective they would not all enter."""
+    if trainer.world_size > 1 or not trainer.training or trainer.validating or trainer.sanity_checking:
         return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     done = progress.current.completed

@@ -35,6 +35,7 @@ from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError
 from popalign.module import PopAlignModule
+from popalign.preemption import AgreedSigtermStop, add_agreed_sigterm_stop
 from popalign.resume import check_before_fit, last_checkpoint
 from popalign.signals import lightning_interrupt
 
@@ -230,6 +231,7 @@ class PopAlignCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as err:  # max_steps -5, strategy bogus: one line
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         prepare_checkpointing(trainer)
+        add_agreed_sigterm_stop(trainer)
         tidy_rich_progress_bar(trainer.callbacks)
         _TRAINERS.add(trainer)
         return trainer
@@ -278,7 +280,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
             saved = _saved_at_stop()
             if saved:
                 resume = f"saved {saved[0]} at step {saved[1]}; resume with --ckpt_path last"
-            print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
+            if all(trainer.global_rank == 0 for trainer in _TRAINERS):  # one line, not one per rank
+                print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         if isinstance(stop, KeyboardInterrupt) or (
             isinstance(stop, SystemExit) and lightning_interrupt(stop)
@@ -334,8 +337,13 @@ def sigterm_stop(stop: BaseException) -> bool:
 
 
 def received_sigterm() -> bool:
-    """Whether a trainer of the current run has received SIGTERM (Lightning's handler sets the flag)."""
-    return any(trainer.received_sigterm for trainer in _TRAINERS)
+    """Whether a trainer of the current run has received SIGTERM: Lightning's handler sets its flag,
+    and in a run of several processes :class:`AgreedSigtermStop` notes it first."""
+    return any(
+        trainer.received_sigterm
+        or any(isinstance(c, AgreedSigtermStop) and c.signalled for c in trainer.callbacks)
+        for trainer in _TRAINERS
+    )
 
 
 def _saved_at_stop() -> tuple[str, int] | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -100,3 +102,18 @@ class DumpPolicy(L.Callback):
             ),
         }
         self.out.with_suffix(".json").write_text(json.dumps(facts))
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM as training step ``step + 1`` starts on rank ``rank``: to that process alone, or to
+    its whole process group (every rank and DataLoader worker, as a scheduler's preemption does)."""
+
+    def __init__(self, step: int, rank: int, group: bool = False) -> None:
+        self.step, self.rank, self.group = step, rank, group
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            if self.group:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)

@@ -21,7 +21,8 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
     ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``logger`` and
-    ``callbacks`` (more of them) for the trainer, ``lora_rank`` for the module."""
+    ``callbacks`` (more of them) for the trainer, ``lora_rank`` for the module, ``save_last`` for the
+    checkpoints, ``new_session`` (a process group of its own, for signals sent to the group)."""
     overlay = {
         "trainer": {
             "accelerator": more.get("accelerator", "cpu"),
@@ -38,7 +39,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
             + [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(c)},
+                    "init_args": {"dirpath": str(c), "save_last": more.get("save_last")},
                 }
                 for c in [more.get("checkpoints")]
                 if c
@@ -67,7 +68,15 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     env |= {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
     cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        cmd,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        start_new_session=more.get("new_session", False),
+    )
 
 
 def finished_run(proc, root: Path, name: str) -> tuple[dict, dict]:

@@ -1,0 +1,90 @@
+"""SIGTERM in a run of two gloo processes (`train.py fit`, DDP on CPU): every rank stops after the same
+step, that step is saved, and the run resumed from it ends where an unstopped run ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from launch import fit_tiny
+from safetensors.torch import load_file
+
+STEPS = 7  # the tiny config's epochs are 5 batches: the stop, the resume and the end span two
+ADAMW = {"optimizer": None}  # the config's AdamW: its moments must resume too
+
+
+def _sigterm(step: int, rank: int, group: bool) -> dict:
+    return {
+        "class_path": "cpu_strategies.SigtermAt",
+        "init_args": {"step": step, "rank": rank, "group": group},
+    }
+
+
+def _stopped_and_resumed(root, name: str, strategy, sigterm: dict):
+    """A run stopped by ``sigterm``: (its process, the step in its last.ckpt); then the same run
+    resumed with --ckpt_path last: its final policy."""
+    ckpts = root / f"{name}_ckpts"
+    more = {"checkpoints": ckpts, "save_last": True, "new_session": True, **ADAMW}
+    stopped = fit_tiny(root, name, strategy, "float32", STEPS, **more, callbacks=[sigterm])
+    step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] if stopped.returncode else None
+    resumed = fit_tiny(root, f"{name}_resumed", strategy, "float32", STEPS, **more, ckpt_path="last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return stopped, step, load_file(str(root / f"{name}_resumed.safetensors"))
+
+
+STRATEGIES = {"ddp": "ddp", "fsdp_blocks": {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"}}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_run):
+    """``straight(strategy)``: the final policy of the same run under ``strategy``, not stopped."""
+    finished: dict[str, dict] = {}
+
+    def run(strategy: str) -> dict:
+        if strategy not in finished:
+            proc = fit_tiny(tiny_run, f"straight_{strategy}", STRATEGIES[strategy], "float32", STEPS, **ADAMW)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            finished[strategy] = load_file(str(tiny_run / f"straight_{strategy}.safetensors"))
+        return finished[strategy]
+
+    return run
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["ddp", pytest.param("fsdp_blocks", marks=pytest.mark.slow)],  # FSDP: a collective save
+)
+def test_sigterm_to_one_rank_stops_both_after_the_next_step_and_saves_it(tiny_run, straight, strategy):
+    # the signal reaches rank 1 alone during step 3; rank 0 learns of it from the vote after step 3,
+    # read after step 4: both stop after step 4 and save it (Lightning's handling hung: its handler's
+    # broadcast on one rank met another collective on the other)
+    name = f"one_rank_{strategy}"
+    stopped, step, resumed = _stopped_and_resumed(tiny_run, name, STRATEGIES[strategy], _sigterm(2, 1, False))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    lines = stopped.stderr.strip().splitlines()
+    saved = tiny_run / f"{name}_ckpts/last.ckpt"
+    assert lines[-1] == f"train.py: stopped by SIGTERM; saved {saved} at step 4; resume with --ckpt_path last"
+    assert sum(line.startswith("train.py: stopped by SIGTERM") for line in lines) == 1  # rank 0's
+    assert step == 4
+    assert _same(resumed, straight(strategy)), "the resumed run did not end where the unstopped run ends"
+
+
+def test_sigterm_to_the_process_group_stops_every_rank_at_one_saved_step(tiny_run, straight):
+    # a scheduler's preemption: both ranks get the signal, each at its own point of its step
+    stopped, step, resumed = _stopped_and_resumed(tiny_run, "group", "ddp", _sigterm(2, 1, True))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert step in (3, 4)  # rank 0 may get it before its vote after step 3, or after
+    assert stopped.stderr.strip().splitlines()[-1].endswith(f"at step {step}; resume with --ckpt_path last")
+    assert _same(resumed, straight("ddp")), "the resumed run did not end where the unstopped run ends"
+
+
+def test_lightning_still_has_the_sigterm_handling_popalign_replaces():
+    # AgreedSigtermStop replaces these two by name; under another name Lightning's would run again
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    assert callable(getattr(_SignalConnector, "_sigterm_notifier_fn", None))
+    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
