@@ -56,8 +56,9 @@ class FinalStepCheckpoint(ModelCheckpoint):
     ranks, the signal reaches each at its own step: they save the step they agreed to stop after
     (:class:`~popalign.preemption.AgreedSigtermStop`), all together, as the save is a collective under
     FSDP. Not in the middle of gradient accumulation, whose gradients a checkpoint does not hold; the
-    periodic checkpoint stays then. In a single-process run, a signal that arrives just after this
-    hook ran is saved when fit stops (:meth:`on_exception`), unless the batch was its epoch's last.
+    periodic checkpoint stays then. A signal that arrives just after this hook ran (and in a run of
+    several ranks, every stop but one after an epoch's last batch) is saved when fit stops
+    (:meth:`on_exception`), unless the batch was its epoch's last.
     """
 
     #: (path, step) of the ``last`` checkpoint written because SIGTERM stopped the run; None otherwise
@@ -109,11 +110,11 @@ def _stops_after_this_step(trainer: Any) -> bool:
 
 
 def _between_batches_mid_epoch(trainer: Any) -> bool:
-    """Whether a single-process run stopped while training between two batches of an epoch, after one
-    that stepped the optimizer: no batch in flight (as many ready as completed), not the epoch's last
-    (a checkpoint there would resume one epoch ahead), not validating. Never with several ranks: the
-    stop that brings each here is its own, and a save is a collective they would not all enter."""
-    if trainer.world_size > 1 or not trainer.training or trainer.validating or trainer.sanity_checking:
+    """Whether a run stopped while training between two batches of an epoch, after one that stepped
+    the optimizer: no batch in flight (as many ready as completed), not the epoch's last (a checkpoint
+    there would resume one epoch ahead), not validating; with several ranks, only where they agreed
+    to stop (:func:`_stops_after_this_step`), as a save is a collective they must all enter."""
+    if not trainer.training or trainer.validating or trainer.sanity_checking:
         return False
     progress = trainer.fit_loop.epoch_loop.batch_progress
     done = progress.current.completed
