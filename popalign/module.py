@@ -219,7 +219,7 @@ class PopAlignModule(OptimizerHooks):
         words = np.random.SeedSequence([run_seed, trainer.global_rank, trainer.fit_loop.total_batch_idx])
         if self._noise_generator is None or self._noise_generator.device != device:
             self._noise_generator = torch.Generator(device=device)
-        return self._noise_generator.manual_seed(int(words.generate_state(1, np.uint64)[0] >> 1))
+        return self._noise_generator.manual_seed(int(words.generate_state(1, np.uint64)[0]) >> 1)
 
     def compute_objective(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor) -> ObjectiveOutput:
         """Per-sample denoising errors of policy (and reference) for given noise and timesteps -> objective.
