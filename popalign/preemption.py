@@ -19,8 +19,8 @@ Voting just before the fetch matters: the signal kills the data workers too, and
 batches cannot be fetched any more (torch hands them over through a file descriptor the worker held),
 so a run that went on for one more batch after the signal would fail there instead of saving. A
 signal that lands during the fetch itself still fails it, on that rank alone: on the tiny CPU config
-with data workers, where the fetch is much of a short step, about half the stops by hand were saved
-(docs/scaling.md); without workers, all. The vote is read on the host at once: one
+with two data workers per rank, where the fetch is much of a short step, 7 of 16 stops by hand were
+saved (docs/scaling.md); without workers, all. The vote is read on the host at once: one
 synchronisation per step, in place of Lightning's broadcast and ``.item()`` at the same point.
 
 A signal during validation lets the validation finish; before training starts, or after it ends,
