@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from torch.utils.data import DataLoader, Dataset
@@ -64,12 +65,24 @@ def _callback(**kw):
     return FairnessValidation(**(args | kw))
 
 
-def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the pixel sums SumClassifier reads move by a unit with the
+    summation order of more threads, and the thread count a pytest worker has depends on the tests
+    it ran before (some set it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path, one_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # the run's seed fixes the training noise (drawn from the seed, the rank and the batch index), so
-    # the step-3 weights and with them the label mix the checks below rely on: seed 3 gives an unknown image and two prompts whose distributions differ
-    # (seed 0 gives no unknown); both are asserted, so a change of the draws fails here, not silently
+    # the step-3 weights and with them the label mix the checks below rely on: seed 3 gives an unknown
+    # image and two prompts whose distributions differ (seed 0 gives no unknown); both are asserted,
+    # so a change of the draws fails here, not silently
     L.seed_everything(3)
     module = PopAlignModule(tiny_model, objective=PopAlignLoss(beta=10.0))
     module.policy.train()  # Lightning keeps each submodule's mode; the callback must too
