@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import pytest
-import torch
+from conftest import torch_threads
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from torch.utils.data import DataLoader, Dataset
@@ -70,10 +70,8 @@ def one_thread():
     """torch on one thread for the test: the pixel sums SumClassifier reads move by a unit with the
     summation order of more threads, and the thread count a pytest worker has depends on the tests
     it ran before (some set it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_logs_discrepancy_during_fit(tiny_model, batch_factory, tmp_path, one_thread):
