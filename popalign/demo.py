@@ -16,18 +16,22 @@ it lives in :mod:`popalign.demo_compare`.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from popalign import files
 from popalign.demo_settings import DemoSettings, check_data_record, check_settings, load_config
 from popalign.errors import UserError
 from popalign.signals import Terminated, lightning_interrupt, sigterm_deferred
+
+T = TypeVar("T")
 
 WORLD_DIR = Path(__file__).parent / "world"
 WORLD_AXES = [str(WORLD_DIR / "axes" / "shirt.yaml"), str(WORLD_DIR / "axes" / "tone.yaml")]
@@ -307,8 +311,8 @@ def summary(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def prepare_out(s: DemoSettings, stale: list[Path]) -> None:
-    """Check everything up front, remove the outputs this run replaces (an interrupted run must not
-    leave the previous results looking current) and apply ``threads``."""
+    """Check everything up front and remove the outputs this run replaces (an interrupted run must not
+    leave the previous results looking current)."""
     check_settings(s)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,12 +321,24 @@ def prepare_out(s: DemoSettings, stale: list[Path]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    if s.threads is not None:
-        import torch
-
-        torch.set_num_threads(s.threads)
 
 
+def in_threads(run: Callable[..., T]) -> Callable[..., T]:
+    """Decorate ``run(s, ...)`` to run with ``s.threads`` torch CPU threads (checked first), giving the
+    caller back its own thread count afterwards."""
+
+    @functools.wraps(run)
+    def wrapper(s: DemoSettings, *args: Any, **kwargs: Any) -> T:
+        from popalign.commands import torch_threads
+
+        check_settings(s)
+        with torch_threads(s.threads):
+            return run(s, *args, **kwargs)
+
+    return wrapper
+
+
+@in_threads
 def run_demo(s: DemoSettings) -> dict:
     """The demo: base model, shards, training, export and the evaluation of base and aligned model;
     writes ``OUT/report.json`` (returned) beside ``OUT/eval``. Every setting is checked first."""

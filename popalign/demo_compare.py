@@ -67,6 +67,7 @@ def _cached(path: Path, key: str, compute) -> dict[str, float]:
     return row
 
 
+@demo.in_threads
 def run_compare(
     s: DemoSettings, seeds: tuple[int, ...] = COMPARE_SEEDS, objectives: tuple[str, ...] = COMPARE_OBJECTIVES
 ) -> Path:

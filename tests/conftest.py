@@ -8,8 +8,6 @@ import json
 import os
 import sys
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from popalign.cli import main
+from popalign.commands import torch_threads
 from popalign.data.axes import load_axes
 from popalign.data.images import iter_image_samples
 from popalign.data.pipeline import load_pipeline
@@ -27,17 +26,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the cores of this worker's share (`make test` runs two pytest-xdist workers)
 ALL_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(1)  # tiny models: threading costs more than it gives, on a shared 2-core box
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """``n`` torch CPU threads inside the block, the previous count after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def all_threads():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import replace_build
+from conftest import replace_build, torch_threads
 
 from popalign import demo, demo_compare, demo_settings
 from popalign.cli import main as cli_main
@@ -297,7 +297,7 @@ def dataclass_replace(s, **kw):
     return dataclasses.replace(s, **kw)
 
 
-def test_demo_removes_the_previous_results_and_sets_threads(tmp_path, monkeypatch):
+def test_demo_removes_the_previous_results_and_runs_in_its_threads(tmp_path, monkeypatch):
     import torch
 
     out = tmp_path / "demo"
@@ -305,15 +305,16 @@ def test_demo_removes_the_previous_results_and_sets_threads(tmp_path, monkeypatc
     (out / "eval" / "report.md").write_text("old")
     (out / "report.json").write_text("{}")
 
+    threads = []
+
     def interrupted(s, stage):
+        threads.append(torch.get_num_threads())
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "base_and_shards", interrupted)
-    before = torch.get_num_threads()
-    try:
+    with torch_threads(2):
         with pytest.raises(KeyboardInterrupt):
             demo.run_demo(demo_settings.DemoSettings(out=str(out), threads=3))
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
+        assert threads == [3]  # the run's setting, and the caller's back after it
+        assert torch.get_num_threads() == 2
     assert not (out / "eval").exists() and not (out / "report.json").exists()

@@ -9,7 +9,8 @@ import re
 import shutil
 
 import pytest
-from conftest import TINY_WORLD_BASE
+import torch
+from conftest import TINY_WORLD_BASE, torch_threads
 
 from popalign.cli import main as cli_main
 from popalign.demo_settings import DemoSettings
@@ -71,7 +72,14 @@ def test_world_command_says_built_or_reused(tiny_base, tmp_path, monkeypatch, ca
     text = capsys.readouterr().out
     assert "up to date, reused (built earlier in" in text and "build took" not in text
     (out / "vae" / "config.json").unlink()
-    assert cli_main(["world", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    threads = []
+    build = wb.build_base_model
+    monkeypatch.setattr(
+        wb, "build_base_model", lambda *a, **k: threads.append(torch.get_num_threads()) or build(*a, **k)
+    )
+    with torch_threads(1):
+        assert cli_main(["world", "--out", str(out), "--quiet", "--threads", "2"]) == 0
+        assert threads == [2] and torch.get_num_threads() == 1  # the caller's count is given back
     text = capsys.readouterr().out
     assert "  built in " in text and "reused" not in text
 

@@ -33,12 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from popalign.commands import parse_device
+    from popalign.commands import parse_device, torch_threads
     from popalign.errors import UserError
-    from popalign.world.base import BaseTrainConfig, build_base_model, cache_problem, read_meta
-    from popalign.world.base_eval import evaluate_base
 
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -47,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:  # numpy's generators take none
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     device = parse_device(args.device)
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return _build(args, device)
+
+
+def _build(args: argparse.Namespace, device) -> int:
+    from popalign.world.base import BaseTrainConfig, build_base_model, cache_problem, read_meta
+    from popalign.world.base_eval import evaluate_base
 
     config = BaseTrainConfig(seed=args.seed)
     reused = not args.force and cache_problem(args.out, config=config) is None
