@@ -15,13 +15,12 @@ and :class:`~popalign.checkpointing.FinalStepCheckpoint` saves the step just fin
 under FSDP, now entered by every rank together). After an epoch's last batch they vote at its end
 instead, and that step is saved there, as in a single-process run.
 
-Voting just before the fetch matters: the signal kills the data workers too, and a dead worker's
-batches cannot be fetched any more (torch hands them over through a file descriptor the worker held),
-so a run that went on for one more batch after the signal would fail there instead of saving. A
-signal that lands during the fetch itself still fails it, on that rank alone: on the tiny CPU config
-with two data workers per rank, where the fetch is much of a short step, 7 of 16 stops by hand were
-saved (docs/scaling.md); without workers, all. The vote is read on the host at once: one
-synchronisation per step, in place of Lightning's broadcast and ``.item()`` at the same point.
+Voting just before the fetch matters where the signal kills a data worker (popalign's loader lets
+its workers outlive it once they run, :mod:`popalign.data.loader`): a dead worker's batches cannot be
+fetched any more (torch hands them over through a file descriptor the worker held), so a run that
+went on for one more batch after the signal would fail there instead of saving. The vote is read on
+the host at once: one synchronisation per step, in place of Lightning's broadcast and ``.item()`` at
+the same point.
 
 A signal during validation lets the validation finish; before training starts, or after it ends,
 Lightning's handling is unchanged.

@@ -325,9 +325,10 @@ def sigterm_stop(stop: BaseException) -> bool:
     """Whether ``stop`` ends a run that SIGTERM stopped.
 
     Lightning's handler sets a flag and its loop raises ``SIGTERMException`` (a ``SystemExit`` without
-    a code) after the current step. A scheduler signals the whole process group, though: DataLoader
-    workers die of the same SIGTERM, and the DataLoader reports that as a ``RuntimeError`` wherever the
-    main process is, before the loop's check or while it tears down. So: a ``SIGTERMException`` in the
+    a code) after the current step. A scheduler signals the whole process group, though: a DataLoader
+    worker may die of the same SIGTERM (popalign's outlive it once they run), and the DataLoader
+    reports that as a ``RuntimeError`` wherever the main process is, before the loop's check or while
+    it tears down. So: a ``SIGTERMException`` in the
     chain of exceptions, or any exception once a trainer of this process has received SIGTERM."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

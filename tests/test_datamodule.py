@@ -17,6 +17,7 @@ from test_shards import make_group, with_sources, write_shards
 
 from popalign.data import PopulationDataModule, PopulationGroup, ShardError, collate_groups
 from popalign.data.datamodule import distributed_info
+from popalign.data.loader import EpochLoader
 from popalign.errors import UserError
 
 
@@ -120,13 +121,20 @@ def test_split_by_worker_gives_each_group_once(tmp_path):
         assert sorted(keys) == sorted(f"p{i:04d}-g0000" for i in range(10))
 
 
+def _no_init(worker_id: int) -> None:
+    pass
+
+
 def test_a_data_worker_killed_by_sigterm_fails_a_later_batch_not_the_step(tmp_path):
-    # a scheduler signals every process of a job: torch raised the workers' deaths in the main process
-    # (its SIGCHLD handler) in the middle of the training step, which Lightning would have finished
+    # where a worker does die of a scheduler's SIGTERM (a worker_init_fn of the user's replaces the
+    # handler that lets it live on; a spawned worker not yet started): torch raised the death in the
+    # main process (its SIGCHLD handler) in the middle of the training step, which Lightning would
+    # have finished
     write_shards(tmp_path, 10, maxcount=2)
     dm = PopulationDataModule(str(tmp_path), groups_per_batch=1, pairs_per_group=2, num_workers=2)
+    dm.setup("fit")
     before = set(multiprocessing.active_children())
-    batches = iter(dm.train_dataloader())
+    batches = iter(EpochLoader(dm.train_stream, lambda: 0, num_workers=2, worker_init_fn=_no_init))
     next(batches)
     workers = [w for w in multiprocessing.active_children() if w not in before]
     assert len(workers) == 2
@@ -142,6 +150,76 @@ def test_a_data_worker_killed_by_sigterm_fails_a_later_batch_not_the_step(tmp_pa
     assert "exited unexpectedly" in failure
     del batches
     gc.collect()  # the loader unregisters its workers
+
+
+GROUP_SIGTERM = """
+import multiprocessing, os, signal, sys, time
+from popalign.data import PopulationDataModule
+from popalign.data.datamodule import PopulationStream
+from popalign.data.loader import EpochLoader
+
+class SignalsTheGroup(PopulationStream):
+    def __iter__(self):
+        from pathlib import Path
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        started = Path(sys.argv[1]) / "started"
+        started.mkdir(exist_ok=True)
+        (started / str(info.id)).touch()
+        for i, batch in enumerate(super().__iter__()):
+            if i == 1:  # a scheduler's preemption, while the owner fetches a batch
+                # once every worker runs (a spawned one dies of it while it starts, as torch's do)
+                for _ in range(600):
+                    if len(list(started.iterdir())) == info.num_workers:
+                        break
+                    time.sleep(0.1)
+                os.killpg(0, signal.SIGTERM)
+            yield batch
+
+if __name__ == "__main__":
+    got = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    dm = PopulationDataModule(sys.argv[1], groups_per_batch=1, pairs_per_group=2, num_workers=2)
+    dm.setup("fit")
+    dm.train_stream.__class__ = SignalsTheGroup
+    loader = EpochLoader(dm.train_stream, lambda: 0, num_workers=2, multiprocessing_context=sys.argv[2])
+    print("batches", sum(1 for _ in loader), "signals", len(got), flush=True)
+    batches = iter(loader)  # a second pass, left unfinished: the workers must end with this process
+    next(batches)
+    print("workers", *(w.pid for w in multiprocessing.active_children()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_data_workers_outlive_a_sigterm_to_the_job_and_end_with_their_owner(tmp_path, context):
+    # the signal reaches every process of the job while a batch is fetched: torch's workers died of
+    # it and that fetch failed, before the training ranks could agree to stop and save the step
+    write_shards(tmp_path, 10, maxcount=2)
+    script = tmp_path / "group_sigterm.py"  # a file: spawned workers import its stream class from it
+    script.write_text(GROUP_SIGTERM)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), context],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # a process group of its own, as a job has
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "batches 10 signals 2", run.stdout + run.stderr[-3000:]  # one per worker
+    workers = [int(pid) for pid in lines[1].split()[1:]]
+    assert len(workers) == 2
+    time.sleep(1)
+    assert not any(_running(pid) for pid in workers)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 KILL_A_WORKER = """

@@ -1,11 +1,15 @@
 """The training DataLoader: epochs the trainer names, passes resumed where a checkpoint left them,
-and a data worker killed by a scheduler's SIGTERM reported at a later batch rather than inside the
-step. :class:`popalign.data.PopulationDataModule` builds it over a
+and data workers that outlive a scheduler's SIGTERM (or, where one dies of it, its death reported at
+a later batch rather than inside the step). :class:`popalign.data.PopulationDataModule` builds it over a
 :class:`popalign.data.datamodule.PopulationStream`."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import logging
+import multiprocessing.sharedctypes
 import os
 import re
 import signal
@@ -36,7 +40,10 @@ class EpochLoader(DataLoader):
     epoch, yet Lightning trains the pass it asks for then as the next epoch: that pass is the next
     epoch's, whole (an empty remainder would leave Lightning's next epoch without batches).
 
-    A worker that SIGTERM kills fails a later batch, not the step in progress
+    Its workers outlive a SIGTERM that reaches them while this process runs (a scheduler's, sent to
+    every process of the job), so the step in progress can finish and be saved
+    (:func:`_outlive_foreign_sigterm`), unless ``worker_init_fn`` is given. Where a worker dies of one
+    all the same, its death fails a later batch, not the step in progress
     (:func:`_defer_sigterm_deaths`).
     """
 
@@ -47,6 +54,9 @@ class EpochLoader(DataLoader):
         trained_fn: Callable[[], int | None] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._outlives_sigterm = bool(kwargs.get("num_workers")) and "worker_init_fn" not in kwargs
+        if self._outlives_sigterm:
+            kwargs["worker_init_fn"] = functools.partial(_outlive_foreign_sigterm, _leaving_flag())
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._trained_fn, self._passes = epoch_fn, trained_fn, 0
         self._epoch, self._skipped, self._made_by = 0, [0] * self._workers, []  # this pass
@@ -66,7 +76,8 @@ class EpochLoader(DataLoader):
         self._skipped, first = self._resume_point()
         self._made_by, self._ended = [], False
         self.dataset.set_epoch(self._epoch, self._skipped, first)
-        batches = super().__iter__()
+        with _sigterm_blocked(self._outlives_sigterm):
+            batches = super().__iter__()
         if self.num_workers:
             _defer_sigterm_deaths()  # after torch has set its own SIGCHLD handler
         return self._untagged(batches)
@@ -119,6 +130,62 @@ class EpochLoader(DataLoader):
             n, len(counts), total,
         )  # fmt: skip
         return [total // n + int(w < total % n) for w in range(n)], total % n
+
+
+@contextlib.contextmanager
+def _sigterm_blocked(block: bool) -> Iterator[None]:
+    """SIGTERM blocked in this thread inside the block, when ``block``: a worker forked here starts
+    with it blocked, until :func:`_outlive_foreign_sigterm` has its handler in place. A SIGTERM for
+    this process meanwhile waits, and is handled when the block ends. (A spawned worker starts with
+    nothing blocked: until its handler is in place, torch's own applies.)"""
+    if not block or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+_LEAVING: dict[int, Any] = {}  # pid -> the flag its workers read: set when that process exits
+
+
+def _leaving_flag() -> Any:
+    """This process's flag in shared memory, set by an ``atexit`` hook: it runs before
+    ``multiprocessing``'s, which then terminates the remaining (daemonic) workers with SIGTERM."""
+    flag = _LEAVING.get(os.getpid())
+    if flag is None:
+        flag = _LEAVING[os.getpid()] = multiprocessing.sharedctypes.RawValue("b", 0)
+        atexit.register(_set_leaving, os.getpid())
+    return flag
+
+
+def _set_leaving(pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the hook
+        _LEAVING[pid].value = 1
+
+
+def _outlive_foreign_sigterm(leaving: Any, worker_id: int) -> None:
+    """``worker_init_fn`` that lets a data worker outlive a SIGTERM sent while its owner (the training
+    process) is still running.
+
+    A scheduler's preemption signals every process of a job. torch's workers die of a SIGTERM their
+    parent did not send; the batch being fetched then fails, before the ranks could agree to stop and
+    save (:mod:`popalign.preemption`). Here a handler ignores SIGTERM until ``leaving`` is set (the
+    owner's exit, :func:`_leaving_flag`), and then ends the worker at once, as torch's handler does for
+    its parent's. The worker otherwise ends with its loader, or with its owner's death (torch's
+    watchdog). A loader that shuts down a worker still busy after torch's grace of 5 s finds its SIGTERM
+    ignored; that worker ends at its next batch, or with the owner.
+    """
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if leaving.value:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _defer_sigterm_deaths() -> None:
