@@ -18,9 +18,10 @@ instead, and that step is saved there, as in a single-process run.
 Voting just before the fetch matters where the signal kills a data worker (popalign's loader lets
 its workers outlive it once they run, :mod:`popalign.data.loader`): a dead worker's batches cannot be
 fetched any more (torch hands them over through a file descriptor the worker held), so a run that
-went on for one more batch after the signal would fail there instead of saving. The vote is read on
-the host at once: one synchronisation per step, in place of Lightning's broadcast and ``.item()`` at
-the same point.
+went on for one more batch after the signal would fail there instead of saving. The vote is read at
+once, but on the host: it goes over a gloo group of its own, on CPU tensors, so it does not wait for
+the GPU to finish the queued step, where Lightning's broadcast of a tensor on the device and its
+``.item()`` at the same point did (one device synchronisation per step, in runs on NCCL).
 
 A signal during validation lets the validation finish; before training starts, or after it ends,
 Lightning's handling is unchanged.
@@ -51,12 +52,15 @@ class AgreedSigtermStop(Callback):
         self.stopping = False
         self._trainer: Any = None
         self._flag: torch.Tensor | None = None  # this rank's vote, reduced in place to all ranks' max
+        self._group: Any = None  # the ranks' gloo group for the vote
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
             return
         self._trainer = trainer
         self.signalled = self.stopping = False
+        # a collective: every rank runs this hook at the same point of fit
+        self._group = dist.new_group(backend="gloo")
         # Lightning reads the notifier when fit registers its handlers, after this hook; it calls the
         # broadcast before fetching each batch, on every rank of a multi-process run
         trainer._signal_connector._sigterm_notifier_fn = self._note_signal
@@ -72,7 +76,7 @@ class AgreedSigtermStop(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._trainer is not None:
-            self._flag = torch.zeros(1, dtype=torch.int32, device=trainer.strategy.root_device)
+            self._flag = torch.zeros(1, dtype=torch.int32)  # on the host, like its group
 
     def _vote_before_fetch(self) -> None:
         if self._agreed():  # Lightning stops; FinalStepCheckpoint.on_exception saves the last step
@@ -88,8 +92,8 @@ class AgreedSigtermStop(Callback):
         """All ranks' vote: whether any has the signal; from then on Lightning's SIGTERM flag is set."""
         if not self.stopping:
             self._flag.fill_(int(self.signalled))
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-            if self._flag.item():  # the same on every rank
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+            if self._flag.item():  # the same on every rank; no device synchronisation
                 self.stopping = True
                 self._trainer._signal_connector.received_sigterm = True
         return self.stopping
@@ -99,7 +103,9 @@ class AgreedSigtermStop(Callback):
             return
         vars(trainer._signal_connector).pop("_sigterm_notifier_fn", None)
         vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
-        self._trainer = self._flag = None
+        if dist.is_initialized():
+            dist.destroy_process_group(self._group)
+        self._trainer = self._flag = self._group = None
 
 
 def stop_agreed(trainer: Any) -> bool:
