@@ -375,3 +375,52 @@ def other_base(tmp_path_factory):
         root / "lora", unet_lora_layers=get_peft_model_state_dict(parts["unet"])
     )
     return root
+
+
+class _TrainBatches(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        return make_batch(pairs=2, seed=i)
+
+
+def _train_two_steps(base: str, root, **kw):
+    """Two optimizer steps with a large learning rate (so the weights move), saving root/ckpt/last.ckpt."""
+    import lightning as L
+
+    from popalign.module import PopAlignModule
+    from popalign.objectives import PopAlignLoss
+
+    module = PopAlignModule(
+        pretrained_model=base,
+        objective=PopAlignLoss(beta=10.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        reference_dtype="float32",
+        ema_decay=0.5,
+        **kw,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(_TrainBatches(), batch_size=None))
+    return module, root / "ckpt" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_model, tmp_path_factory):
+    """(module, last.ckpt) of two full fine-tuning steps of the tiny model, with EMA (export, card)."""
+    return _train_two_steps(tiny_model, tmp_path_factory.mktemp("full"))
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model, tmp_path_factory):
+    """(module, last.ckpt) of two LoRA steps of the tiny model (rank 4, alpha 8), with EMA."""
+    # alpha != rank, so a loader that ignored lora_alpha would sample different images
+    return _train_two_steps(tiny_model, tmp_path_factory.mktemp("lora"), lora_rank=4, lora_alpha=8.0)
