@@ -33,7 +33,7 @@ from popalign.checkpointing import (
 from popalign.data.datamodule import PopulationDataModule
 from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
-from popalign.errors import UserError
+from popalign.errors import UserError, first_line
 from popalign.module import PopAlignModule
 from popalign.preemption import AgreedSigtermStop, add_agreed_sigterm_stop
 from popalign.resume import check_before_fit, last_checkpoint
@@ -280,6 +280,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
             saved = _saved_at_stop()
             if saved:
                 resume = f"saved {saved[0]} at step {saved[1]}; resume with --ckpt_path last"
+            elif (failure := _failure_behind(stop)) is not None:  # why the step in progress is lost
+                resume = (
+                    f"the step in progress failed ({type(failure).__name__}: {first_line(failure)}); {resume}"
+                )
             if all(trainer.global_rank == 0 for trainer in _TRAINERS):  # one line, not one per rank
                 print(f"train.py: stopped by SIGTERM; {resume}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
@@ -360,6 +364,16 @@ def _user_error_in(err: BaseException | None) -> UserError | None:
     # explicit causes only ("raise ... from err", as jsonargparse wraps): an error raised while
     # another was being handled is a new failure and keeps its traceback
     return next((e for e in _chain(err, "__cause__") if isinstance(e, UserError)), None)
+
+
+def _failure_behind(stop: BaseException) -> BaseException | None:
+    """The error that ended a run SIGTERM stopped, if one did (a data worker's death, a failing step),
+    rather than Lightning's own stop after the step."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return next(
+        (e for e in _chain(stop, "__context__") if not isinstance(e, (SIGTERMException, SystemExit))), None
+    )
 
 
 def _chain(err: BaseException | None, link: str) -> Iterator[BaseException]:

@@ -109,13 +109,36 @@ def test_a_save_that_fails_at_the_sigterm_stop_is_reported_and_the_previous_chec
     assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_step_that_fails_after_sigterm_says_why_it_was_not_saved(tmp_path, monkeypatch, capsys):
+    # the stop's line said only "resume from the last checkpoint": the error that lost the step (a
+    # data worker's death, a failing step) went unreported
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    capsys.readouterr()
+    step = PopAlignModule.training_step
+
+    def preempted_and_failing(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("a data worker died\nmore detail")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted_and_failing)
+    code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
+    assert code == 143 and err[-1] == (
+        "train.py: stopped by SIGTERM; the step in progress failed (RuntimeError: a data worker died); "
+        "resume from the last checkpoint with --ckpt_path last"
+    ), err
+    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     tmp_path, monkeypatch, capsys
 ):
-    # a scheduler signals the whole process group: the DataLoader workers died of the same SIGTERM (torch's
-    # worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that as a
-    # RuntimeError (a traceback, exit 1) wherever the run was; now the loader reports their deaths at
-    # a later batch, so the step finishes and is saved
+    # a scheduler signals the whole process group: torch's DataLoader workers died of the same SIGTERM
+    # (its worker handler exits quietly only on its parent's SIGTERM), and the DataLoader reported that
+    # as a RuntimeError (a traceback, exit 1) wherever the run was; popalign's workers outlive it, so
+    # the step finishes and is saved
     import subprocess
     import time
 
@@ -123,19 +146,22 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
     capsys.readouterr()
     step = PopAlignModule.training_step
-    signalled = []
+    signalled, survived = [], []
 
     def preempted(self, batch, batch_idx):
         if self.trainer.global_step == 2 and not signalled:
-            signalled.extend(w.pid for w in multiprocessing.active_children())
+            workers = multiprocessing.active_children()
+            signalled.extend(w.pid for w in workers)
             pids = [str(pid) for pid in (*signalled, os.getpid())]
             subprocess.run(["kill", "-s", "TERM", *pids], check=True)  # sent by another process
-            time.sleep(2)  # the workers' deaths reach this process while it is inside the step
+            time.sleep(2)  # a worker's death would reach this process while it is inside the step
+            survived.extend(w.is_alive() for w in workers)
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
     code, err = _stopped_fit(capsys, ["--trainer.max_steps=6", "--data.num_workers=2"], signal.SIGTERM)
     assert len(signalled) == 2, "two data workers and this process get the signal"
+    assert survived == [True, True]
     last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
     assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
     assert not any("Traceback" in line for line in err), err
