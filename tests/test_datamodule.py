@@ -236,6 +236,19 @@ except RuntimeError as err:
 """
 
 
+def test_workers_start_the_way_the_config_says(tmp_path):
+    write_shards(tmp_path, 4, maxcount=2)
+    dm = PopulationDataModule(str(tmp_path), num_workers=1, multiprocessing_context="spawn")
+    assert dm.train_dataloader().multiprocessing_context.get_start_method() == "spawn"
+    default = PopulationDataModule(str(tmp_path), num_workers=1)
+    assert default.train_dataloader().multiprocessing_context is None
+    # without workers there is nothing to start (torch refuses the setting then)
+    no_workers = PopulationDataModule(str(tmp_path), num_workers=0, multiprocessing_context="spawn")
+    assert no_workers.train_dataloader().multiprocessing_context is None
+    with pytest.raises(UserError, match="multiprocessing_context must be one of .*got 'threads'"):
+        PopulationDataModule(str(tmp_path), multiprocessing_context="threads")
+
+
 def test_a_data_worker_killed_otherwise_still_fails_at_once(tmp_path):
     # in a process of its own: torch stops its check at the first dead worker registered, and a loader
     # that a SIGTERM stop left behind in this process (Lightning does not shut it down) has some

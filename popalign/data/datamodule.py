@@ -9,6 +9,7 @@ A run resumed mid-epoch continues the epoch's batches where its checkpoint left 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -202,6 +203,10 @@ class PopulationDataModule(L.LightningDataModule):
         pairs_per_group: preferred/dispreferred pairs drawn per group per step; a batch holds
             2 * G * pairs_per_group samples.
         num_workers: DataLoader worker processes per rank.
+        multiprocessing_context: how the workers start: None for the platform's default (``fork`` on
+            Linux before Python 3.14), or ``fork``, ``spawn``, ``forkserver``. ``spawn`` and
+            ``forkserver`` start each epoch's workers in fresh interpreters (seconds per epoch) instead
+            of forking a process that runs threads (docs/scaling.md).
         shuffle_buffer: groups held for shuffling training samples (0 or 1: no sample shuffling).
         seed: seed of every random choice (shard order, shuffling, pair drawing).
         latent_shape: expected member latent shape [C, h, w]; None accepts the first one seen.
@@ -223,6 +228,7 @@ class PopulationDataModule(L.LightningDataModule):
         groups_per_batch: int = 1,
         pairs_per_group: int = 4,
         num_workers: int = 2,
+        multiprocessing_context: str | None = None,
         shuffle_buffer: int = 100,
         seed: int = 0,
         latent_shape: tuple[int, int, int] | None = None,
@@ -242,6 +248,12 @@ class PopulationDataModule(L.LightningDataModule):
         ):
             if value < low:
                 raise UserError(f"data: {name} must be >= {low}, got {value}")
+        methods = multiprocessing.get_all_start_methods()
+        if multiprocessing_context is not None and multiprocessing_context not in methods:
+            raise UserError(
+                f"data: multiprocessing_context must be one of {', '.join(methods)} (this platform's), "
+                f"got {multiprocessing_context!r}"
+            )
         if not 0 <= max_bad_fraction < 1:
             raise UserError(f"data: max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
         if latent_shape is not None and (len(latent_shape) != 3 or min(latent_shape) < 1):
@@ -250,6 +262,7 @@ class PopulationDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.groups_per_batch, self.pairs_per_group = groups_per_batch, pairs_per_group
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.multiprocessing_context = multiprocessing_context
         self.latent_shape = tuple(int(s) for s in latent_shape) if latent_shape is not None else None
         self.max_bad_fraction, self.batches_per_epoch = max_bad_fraction, batches_per_epoch
         self.val_batches = val_batches
@@ -316,6 +329,8 @@ class PopulationDataModule(L.LightningDataModule):
             epoch_fn or self._trainer_epoch,
             trained_fn,
             num_workers=self.num_workers,
+            # torch refuses a start method without workers
+            multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )
 
