@@ -13,7 +13,8 @@ all-reduce (max) of whether each has the signal, at the point where Lightning br
 before each batch is fetched. When one has it, every rank stops there, between the same two batches,
 and :class:`~popalign.checkpointing.FinalStepCheckpoint` saves the step just finished (a collective
 under FSDP, now entered by every rank together). After an epoch's last batch they vote at its end
-instead, and that step is saved there, as in a single-process run.
+instead, and that step is saved there, as in a single-process run; there is no vote before the next
+epoch's first batch, so a signal in between stops the run after that batch's step, and saves it.
 
 Voting just before the fetch matters where the signal kills a data worker (popalign's loader lets
 its workers outlive it once they run, :mod:`popalign.data.loader`): a dead worker's batches cannot be
@@ -79,6 +80,11 @@ class AgreedSigtermStop(Callback):
             self._flag = torch.zeros(1, dtype=torch.int32)  # on the host, like its group
 
     def _vote_before_fetch(self) -> None:
+        # not before an epoch's first batch: a stop there could not be saved (a checkpoint between
+        # epochs would resume one epoch ahead), so a signal that came after the previous epoch's last
+        # vote stops the run after this epoch's first step instead; every rank skips the same vote
+        if self._trainer.fit_loop.epoch_loop.batch_progress.current.ready == 0:
+            return
         if self._agreed():  # Lightning stops; FinalStepCheckpoint.on_exception saves the last step
             raise SIGTERMException
 

@@ -105,13 +105,22 @@ class DumpPolicy(L.Callback):
 
 
 class SigtermAt(L.Callback):
-    """Sends SIGTERM as training step ``step + 1`` starts on rank ``rank``: to that process alone, or to
+    """Sends SIGTERM as training step ``step + 1`` starts on rank ``rank`` (or, ``epoch_end``, as the
+    epoch that ends with step ``step`` ends there, after its last batch): to that process alone, or to
     its whole process group (every rank and DataLoader worker, as a scheduler's preemption does)."""
 
-    def __init__(self, step: int, rank: int, group: bool = False) -> None:
-        self.step, self.rank, self.group = step, rank, group
+    def __init__(self, step: int, rank: int, group: bool = False, epoch_end: bool = False) -> None:
+        self.step, self.rank, self.group, self.epoch_end = step, rank, group, epoch_end
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if not self.epoch_end:
+            self._send(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.epoch_end:
+            self._send(trainer)
+
+    def _send(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             if self.group:
                 os.killpg(os.getpgid(0), signal.SIGTERM)

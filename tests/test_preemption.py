@@ -12,10 +12,10 @@ STEPS = 7  # the tiny config's epochs are 5 batches: the stop, the resume and th
 ADAMW = {"optimizer": None}  # the config's AdamW: its moments must resume too
 
 
-def _sigterm(step: int, rank: int, group: bool) -> dict:
+def _sigterm(step: int, rank: int, group: bool, epoch_end: bool = False) -> dict:
     return {
         "class_path": "cpu_strategies.SigtermAt",
-        "init_args": {"step": step, "rank": rank, "group": group},
+        "init_args": {"step": step, "rank": rank, "group": group, "epoch_end": epoch_end},
     }
 
 
@@ -79,6 +79,19 @@ def test_sigterm_to_the_process_group_stops_every_rank_at_one_saved_step(tiny_ru
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert step == 3
     assert stopped.stderr.strip().splitlines()[-1].endswith("at step 3; resume with --ckpt_path last")
+    assert _same(resumed, straight("ddp")), "the resumed run did not end where the unstopped run ends"
+
+
+def test_sigterm_between_epochs_stops_after_the_next_epochs_first_step_and_saves_it(tiny_run, straight):
+    # the signal comes after the vote on epoch 0's last step (5): the ranks agreed at epoch 1's first
+    # fetch, where no save is made (a checkpoint between epochs would resume one epoch ahead), and the
+    # run stopped with only the epoch's checkpoint; now they train epoch 1's first step and save it
+    stopped, step, resumed = _stopped_and_resumed(
+        tiny_run, "between_epochs", "ddp", _sigterm(5, 1, True, epoch_end=True)
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert step == 6
+    assert stopped.stderr.strip().splitlines()[-1].endswith("at step 6; resume with --ckpt_path last")
     assert _same(resumed, straight("ddp")), "the resumed run did not end where the unstopped run ends"
 
 
