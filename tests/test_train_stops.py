@@ -39,11 +39,32 @@ def _stopped_and_saved(path: Path, step: int) -> str:
     )
 
 
+def _tiny_here(tmp_path, monkeypatch, capsys, groups: int = 2) -> None:
+    """Run from ``tmp_path``, with a tiny model and shards where configs/tiny.yaml looks (runs/tiny)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", str(groups)]) == 0
+    capsys.readouterr()
+
+
+def _sigterm_as_step_3_starts(monkeypatch, failure: Exception | None = None) -> None:
+    """This process sends itself SIGTERM as training step 3 starts (after the first checkpoint, every
+    2 steps), and that step raises ``failure`` if given; Lightning's handler sets a flag and the loop
+    stops after the step."""
+    step = PopAlignModule.training_step
+
+    def preempted(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            if failure is not None:
+                raise failure
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     # Lightning shuts down gracefully and calls sys.exit(1); the popalign stages exit 130 on Ctrl-C
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
+    _tiny_here(tmp_path, monkeypatch, capsys)
 
     def interrupted(self, batch, batch_idx):
         raise KeyboardInterrupt
@@ -58,17 +79,9 @@ def test_sigterm_saves_the_step_exits_143_with_one_line_and_the_run_resumes(tmp_
     # a scheduler's preemption: Lightning stops fit with a SystemExit without a code, which exited 0
     # as if the run had finished (and made the demo go on to export a checkpoint not yet written);
     # the step the signal interrupted finishes and is saved (it was lost: last.ckpt stayed at step 2)
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
+    _tiny_here(tmp_path, monkeypatch, capsys)
     step = PopAlignModule.training_step
-
-    def preempted(self, batch, batch_idx):
-        if self.trainer.global_step == 2:  # after the first checkpoint (every 2 steps)
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets a flag; the loop stops
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    _sigterm_as_step_3_starts(monkeypatch)
     code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
     last = tmp_path / "runs/tiny/checkpoints/last.ckpt"
     assert code == 143 and err[-1] == _stopped_and_saved(last, 3), err
@@ -83,22 +96,15 @@ def test_a_save_that_fails_at_the_sigterm_stop_is_reported_and_the_previous_chec
 ):
     from popalign.checkpointing import WholeFileCheckpointIO
 
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-    step, save = PopAlignModule.training_step, WholeFileCheckpointIO.save_checkpoint
-
-    def preempted(self, batch, batch_idx):
-        if self.trainer.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, batch_idx)
+    _tiny_here(tmp_path, monkeypatch, capsys)
+    save = WholeFileCheckpointIO.save_checkpoint
 
     def disk_full_at_step_3(self, checkpoint, path, storage_options=None):
         if checkpoint["global_step"] == 3:
             raise OSError(28, "No space left on device")
         return save(self, checkpoint, path, storage_options)
 
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted)
+    _sigterm_as_step_3_starts(monkeypatch)
     monkeypatch.setattr(WholeFileCheckpointIO, "save_checkpoint", disk_full_at_step_3)
     with caplog.at_level(logging.WARNING, logger="popalign.checkpointing"):
         code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
@@ -112,18 +118,8 @@ def test_a_save_that_fails_at_the_sigterm_stop_is_reported_and_the_previous_chec
 def test_a_step_that_fails_after_sigterm_says_why_it_was_not_saved(tmp_path, monkeypatch, capsys):
     # the stop's line said only "resume from the last checkpoint": the error that lost the step (a
     # data worker's death, a failing step) went unreported
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
-    step = PopAlignModule.training_step
-
-    def preempted_and_failing(self, batch, batch_idx):
-        if self.trainer.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RuntimeError("a data worker died\nmore detail")
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(PopAlignModule, "training_step", preempted_and_failing)
+    _tiny_here(tmp_path, monkeypatch, capsys)
+    _sigterm_as_step_3_starts(monkeypatch, RuntimeError("a data worker died\nmore detail"))
     code, err = _stopped_fit(capsys, ["--trainer.max_steps=6"], signal.SIGTERM)
     assert code == 143 and err[-1] == (
         "train.py: stopped by SIGTERM; the step in progress failed (RuntimeError: a data worker died); "
@@ -142,9 +138,7 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     import subprocess
     import time
 
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "4"]) == 0
-    capsys.readouterr()
+    _tiny_here(tmp_path, monkeypatch, capsys, groups=4)
     step = PopAlignModule.training_step
     signalled, survived = [], []
 
@@ -176,9 +170,7 @@ def test_sigterm_in_the_middle_of_gradient_accumulation_keeps_the_periodic_check
     # checkpoint every 2 steps: SIGTERM during batch 6 (step 3 done, the first half of step 4
     # accumulated) stops after it; a checkpoint there would not hold the accumulated gradients, so
     # the resumed run would take step 4 without batch 6
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    capsys.readouterr()
+    _tiny_here(tmp_path, monkeypatch, capsys)
     step, batches = PopAlignModule.training_step, []
 
     def preempted(self, batch, batch_idx):
