@@ -1,12 +1,10 @@
-"""``popalign evaluate``: metric arithmetic, stored world images, sampling end to end, flags and inputs
-(the output folder: tests/test_evaluate_output.py)."""
+"""``popalign evaluate``: metric arithmetic, stored world images and sampling end to end (flags and
+inputs: tests/test_evaluate_inputs.py; the output folder: tests/test_evaluate_output.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from conftest import frechet_by_numpy
 from popalign.cli import main
 from popalign.data.classifiers import AttributeClassifier
 from popalign.evaluation.adherence import Adherence, WorldOccupationAdherence
-from popalign.evaluation.evaluate import Evaluator
 from popalign.evaluation.report import mean_ci, summarise
 from popalign.world import AXES_DIR, WorldSpec
 from popalign.world.render import render_batch
@@ -162,7 +159,7 @@ def test_world_occupation_adherence():
 
 
 # ---------------------------------------------------------------- stored world images (no sampling)
-def _run(argv, capsys):
+def run_evaluate(argv, capsys):
     code = main(argv)
     return code, capsys.readouterr().err
 
@@ -175,7 +172,7 @@ def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
     argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
             "--adherence", "world", "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel",
             "--bootstrap", "200", "--out", str(out), "--no-progress"]  # fmt: skip
-    code, err = _run(argv, capsys)
+    code, err = run_evaluate(argv, capsys)
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     # joint shirt x tone (6 classes, target 1/6). doctor: (0,0) (0,0) (0,1) (1,2) -> joint 0, 0, 1, 5
@@ -215,7 +212,7 @@ def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
     labels.write_text("".join(json.dumps(r) + "\n" for r in table))
     argv2 = ["evaluate", "--images", str(world_images), "--labels", str(labels), "--axes", *WORLD_AXES,
              "--bootstrap", "50", "--out", str(tmp_path / "eval2"), "--no-progress"]  # fmt: skip
-    code, err = _run(argv2, capsys)
+    code, err = run_evaluate(argv2, capsys)
     assert code == 0, err
     m2 = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["metrics"]
     # every image (red, light) = joint 0: p = e_0, d^2 = (5/6)^2 + 5/36 = 30/36
@@ -223,11 +220,11 @@ def test_stored_world_images_exact_metrics(world_images, tmp_path, capsys):
 
     # a label table that does not match the images, and one with a class the axis lacks
     labels.write_text("".join(json.dumps(r) + "\n" for r in table[:-1]))
-    code, err = _run(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
+    code, err = run_evaluate(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
     assert code == 2 and "no label for image" in err and len(err.strip().splitlines()) == 1, err
     table[0]["labels"]["shirt"] = "purple"
     labels.write_text("".join(json.dumps(r) + "\n" for r in table))
-    code, err = _run(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
+    code, err = run_evaluate(argv2[:-3] + ["--out", str(tmp_path / "eval3"), "--no-progress"], capsys)
     assert code == 2 and "purple" in err
     assert not (tmp_path / "eval3").exists() and not list(tmp_path.glob(".eval3*"))
 
@@ -251,7 +248,7 @@ def tiny_clip(tmp_path_factory) -> str:
     return str(path)
 
 
-def _sampling_args(model, files, out, images_per_prompt: int = 1):
+def sampling_args(model, files, out, images_per_prompt: int = 1):
     return ["evaluate", "--model", model, "--neutral", str(files / "neutral.txt"), "--specific", "expand",
             "--generic", str(files / "generic.txt"), "--axes", "gender", "--classifier", "test_evaluate:ParityClassifier",
             "--images-per-prompt", str(images_per_prompt), "--steps", "2", "--height", "16", "--width", "16", "--batch-size", "8",
@@ -311,8 +308,8 @@ def test_evaluate_tiny_pipeline_with_baseline(
     extra = ["--adherence", "test_evaluate:DoctorAdherence", "--clip-model", tiny_clip,
              "--fid-reference", str(tmp_path / "ref.npy"), "--fid-features", "pixel"]  # fmt: skip
     out = tmp_path / "eval"
-    argv = _sampling_args(tiny_model, prompt_files, out, images_per_prompt=3)
-    code, err = _run(argv + ["--baseline", other_seed_model] + extra, capsys)
+    argv = sampling_args(tiny_model, prompt_files, out, images_per_prompt=3)
+    code, err = run_evaluate(argv + ["--baseline", other_seed_model] + extra, capsys)
     assert code == 0, err
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
@@ -327,7 +324,9 @@ def test_evaluate_tiny_pipeline_with_baseline(
         for key, value in _metrics_from_labels(folder).items():
             assert metrics[key] == pytest.approx(value, abs=1e-6), (folder, key)
     # the baseline's numbers are those the other model gets evaluated alone, on the same prompts and seeds
-    code, err = _run(_sampling_args(other_seed_model, prompt_files, tmp_path / "alone", 3) + extra, capsys)
+    code, err = run_evaluate(
+        sampling_args(other_seed_model, prompt_files, tmp_path / "alone", 3) + extra, capsys
+    )
     assert code == 0, err
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["metrics"]
     assert result["baseline"] == alone
@@ -372,147 +371,6 @@ def test_specific_prompts_can_take_fewer_images():
     assert EvalConfig(model="m", images_per_prompt=5).images_for("specific") == 5
     with pytest.raises(UserError, match="specific_images_per_prompt"):
         EvalConfig(model="m", specific_images_per_prompt=0).check()
-
-
-@pytest.mark.parametrize("command", ["evaluate", "export"])
-def test_help_explains_every_flag_and_states_each_default_once(command):
-    import argparse
-
-    from popalign.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    formatter = sub._get_formatter()
-    shown = {}
-    for action in sub._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        assert action.help, f"{action.option_strings or action.dest} has no help"
-        text = formatter._expand_help(action)
-        assert "None" not in text and text.count("default") <= 1, text
-        shown.update({flag: text for flag in action.option_strings})
-    if command == "evaluate":  # the defaults that decide a run's cost are shown
-        for flag, default in [("--dtype", "float32"), ("--images-per-prompt", "8"), ("--steps", "30"),
-                              ("--guidance-scale", "5.0"), ("--height", "1024"), ("--width", "1024"),
-                              ("--batch-size", "4")]:  # fmt: skip
-            assert shown[flag].endswith(f"(default: {default})"), shown[flag]
-
-
-def test_lora_for_another_base_is_one_line_naming_the_mismatch(
-    tiny_model, prompt_files, other_base, tmp_path, capsys
-):
-    import logging
-
-    class Records(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    records = Records()
-    logging.getLogger("diffusers").addHandler(records)
-    try:
-        argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
-            "--lora",
-            str(other_base / "lora"),
-        ]
-        code, err = _run(argv, capsys)
-    finally:
-        logging.getLogger("diffusers").removeHandler(records)
-    assert code == 2 and not [m for m in records.messages if "size mismatch" in m], records.messages
-    assert re.search(
-        rf"error: {other_base / 'lora'}: does not fit the base model {tiny_model}: \S+lora_A\.weight is "
-        r"\[\d+, \d+\] in it, \[\d+, \d+\] in the base's UNet$",
-        err.strip().splitlines()[-1],
-    ), err
-
-
-def test_missing_local_model_paths_are_not_looked_up_on_the_hub(
-    tiny_model, prompt_files, tmp_path, capsys, monkeypatch
-):
-    from popalign.errors import UserError
-    from popalign.evaluation.config import EvalConfig
-
-    monkeypatch.chdir(tmp_path)
-    for flag, path in [("unet", "./nope"), ("lora", "exp/run/export"), ("model", str(tmp_path / "gone"))]:
-        with pytest.raises(UserError, match=f"^{re.escape(path)}: --{flag} not found"):
-            EvalConfig(**{"model": tiny_model, flag: path}).check()
-    # a name that can be a hub id is tried there (offline in the tests), and the error says it is no folder
-    code, err = _run(
-        _sampling_args(tiny_model, prompt_files, tmp_path / "e") + ["--unet", "exp/gone"], capsys
-    )
-    assert (
-        code == 2 and "error: exp/gone: no such local folder; as a hub id: " in err.strip().splitlines()[-1]
-    )
-
-
-def test_images_folder_is_checked_before_the_classifier_is_loaded(tmp_path, capsys, monkeypatch):
-    # the default labeler (CLIP) would first ask the hub for its weights: retries, minutes offline
-    evaluate_module = sys.modules[Evaluator.__module__]
-
-    def no_classifier(*args, **kwargs):
-        raise AssertionError("the classifier was loaded before --images was checked")
-
-    monkeypatch.setattr(evaluate_module, "build_classifier", no_classifier)
-    (tmp_path / "notes").mkdir()
-    for folder, message in [
-        (tmp_path / "gone", "images folder not found"),
-        (tmp_path / "notes", "no images-r"),
-    ]:
-        argv = [
-            "evaluate",
-            "--images",
-            str(folder),
-            "--axes",
-            "gender",
-            "--out",
-            str(tmp_path / "e"),
-            "--no-progress",
-        ]
-        code, err = _run(argv, capsys)
-        assert code == 2 and err.strip().splitlines()[-1].startswith(
-            f"popalign evaluate: error: {folder}: "
-        ), err
-        assert message in err, err
-
-
-def test_fid_without_torch_fidelity_names_the_flag(tiny_model, prompt_files, tmp_path, capsys, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # as if torch-fidelity were missing
-    np.save(tmp_path / "ref.npy", np.zeros((4, 16, 16, 3), dtype=np.uint8))
-    argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
-        "--fid-reference",
-        str(tmp_path / "ref.npy"),
-    ]
-    code, err = _run(argv, capsys)
-    line = err.strip().splitlines()[-1]
-    assert code == 2 and "pass --fid-features pixel" in line and "feature_extractor" not in line, err
-    assert not (tmp_path / "eval").exists()
-
-
-@pytest.mark.parametrize("features", ["inception", "pixel"])
-@pytest.mark.parametrize(
-    ("reference", "message"), [("nope.npy", "--fid-reference not found"), ("notes.txt", "not a .npy array")]
-)
-def test_bad_fid_reference_is_reported_first_naming_the_file(
-    reference, message, features, tiny_model, prompt_files, tmp_path, capsys, monkeypatch
-):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # inception features cannot load
-    (tmp_path / "notes.txt").write_text("not an array\n")
-    path = tmp_path / "runs" / reference if reference == "nope.npy" else tmp_path / reference
-    argv = _sampling_args(tiny_model, prompt_files, tmp_path / "eval") + [
-        "--fid-reference", str(path), "--fid-features", features,
-    ]  # fmt: skip
-    code, err = _run(argv, capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.strip().startswith(f"popalign evaluate: error: {path}: {message}"), err
-    assert "torch-fidelity" not in err and "pickle" not in err
-    assert not (tmp_path / "eval").exists()
 
 
 def test_report_shows_no_delta_where_neither_model_scored():
