@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from conftest import world_shards
-from test_evaluate import WORLD_AXES, _run, _sampling_args
+from test_evaluate import WORLD_AXES, run_evaluate, sampling_args
 
 
 @pytest.mark.parametrize(
@@ -36,9 +36,9 @@ def test_bad_input_is_one_line_and_leaves_no_report(
     swap = {"EMPTY": str(tmp_path / "empty.txt"), "BADREF": str(tmp_path / "bad.npy")}
     extra = [swap.get(a, a.replace("OTHER", str(other_base))) for a in extra]
     out = tmp_path / "eval"
-    args = _sampling_args(tiny_model, prompt_files, out)
+    args = sampling_args(tiny_model, prompt_files, out)
     args = args[:3] + args[5:] if "--neutral" in extra else args  # one --neutral only
-    code, err = _run(args + extra, capsys)
+    code, err = run_evaluate(args + extra, capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("popalign evaluate: error:"), err
     assert message in err.strip().splitlines()[-1], err
     assert not out.exists() and not list(tmp_path.glob(".eval*"))
@@ -48,7 +48,7 @@ def test_existing_output_needs_overwrite(tiny_model, prompt_files, tmp_path, cap
     out = tmp_path / "eval"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    code, err = _run(_sampling_args(tiny_model, prompt_files, out), capsys)
+    code, err = run_evaluate(sampling_args(tiny_model, prompt_files, out), capsys)
     assert code == 2 and "--overwrite" in err and (out / "old.txt").exists()
 
 
@@ -60,7 +60,7 @@ def test_overwrite_replaces_only_an_evaluation_output(world_images, tmp_path, ca
     def evaluate(out):
         argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
                 "--bootstrap", "20", "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
-        return _run(argv, capsys)
+        return run_evaluate(argv, capsys)
 
     # a folder of popalign generate's image shards, and folders that only share a file name with a report
     shards = world_shards(tmp_path / "shards")
@@ -142,6 +142,6 @@ def test_the_stage_folders_of_killed_runs_are_removed(world_images, tmp_path, ca
         (tmp_path / name / "images").mkdir(parents=True)
     argv = ["evaluate", "--images", str(world_images), "--axes", *WORLD_AXES, "--classifier", "world",
             "--bootstrap", "20", "--out", str(tmp_path / "eval"), "--no-progress"]  # fmt: skip
-    code, err = _run(argv, capsys)
+    code, err = run_evaluate(argv, capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", *kept])
