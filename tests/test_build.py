@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_LATENT, run_cli
 
 from popalign.data.axes import load_axes
-from popalign.data.build import largest_remainder
+from popalign.data.build import group_quotas
 from popalign.data.images import ImageShardWriter, encode_image, iter_image_samples
 from popalign.data.prompts import expand_prompts, write_prompt_table
 
@@ -82,12 +82,19 @@ def test_build_balances_populations_and_trains_one_step(
     np.testing.assert_allclose(g.source_prompt_embeds.astype(np.float32), embeds.numpy(), atol=2e-3)
     np.testing.assert_allclose(g.source_pooled_prompt_embeds.astype(np.float32), pooled.numpy(), atol=2e-3)
 
+    # populations of one member: each group rounds 0.5 up for one class, and a prompt's four groups
+    # take turns, two of each class (rounding each group on its own tied by chance, 4-0 at times)
     plain = tmp_path / "plain"
     code, _, _ = run_cli(
-        [*args[:-1], plain, "--population-size", 2, "--groups-per-prompt", 2, "--no-source-embeds"], capsys
+        [*args[:-1], plain, "--population-size", 1, "--groups-per-prompt", 4, "--no-source-embeds"], capsys
     )
     plain_groups = [PopulationGroup.from_sample(s) for s in iter_tar_samples(str(plain / "shard-000000.tar"))]
     assert code == 0 and not any(p.has_sources or "sources" in p.meta for p in plain_groups)
+    for prompt in ("a photo of a doctor", "a photo of a nurse"):
+        genders = [
+            p.meta["preferred_labels"][0]["gender"] for p in plain_groups if p.meta["prompt"] == prompt
+        ]
+        assert sorted(genders) == ["female", "female", "male", "male"]
 
     before = (out / "shard-000000.tar").stat().st_mtime_ns
     code, stdout, _ = run_cli([*args, "--population-size", 2, "--groups-per-prompt", 2], capsys)
@@ -142,17 +149,42 @@ def test_a_damaged_build_is_rebuilt_not_taken_as_up_to_date(
     assert code == 2 and "shard-000009.tar: 1 shard(s)" in err and "did not write" in err
 
 
-def test_largest_remainder_rounding():
+def test_quotas_round_like_largest_remainder_within_a_group():
+    def one(target, size, rng=None):
+        return group_quotas(target, size, 1, rng)[0].tolist()
+
     # exact (2, 1.2, 0.8) -> floors (2, 1, 0) -> the one left goes to the largest remainder (0.8)
-    assert largest_remainder([0.5, 0.3, 0.2], 4).tolist() == [2, 1, 1]
+    assert one([0.5, 0.3, 0.2], 4) == [2, 1, 1]
     # exact 12 x 0.5 = 6 each: no rounding needed
-    assert largest_remainder([0.5, 0.5], 12).tolist() == [6, 6]
+    assert one([0.5, 0.5], 12) == [6, 6]
     # exact (1.5, 1.5): a tie; lowest index first without rng, a random one with it
-    assert largest_remainder([0.5, 0.5], 3).tolist() == [2, 1]
+    assert one([0.5, 0.5], 3) == [2, 1]
     rng = np.random.default_rng(0)
-    draws = np.array([largest_remainder([1 / 6] * 6, 4, rng) for _ in range(600)])
+    draws = np.array([one([1 / 6] * 6, 4, rng) for _ in range(600)])
     assert (draws.sum(1) == 4).all() and set(np.unique(draws)) == {0, 1}
     assert np.abs(draws.mean(0) - 4 / 6).max() < 0.1  # ties spread evenly over the classes
+
+
+def test_quotas_balance_a_prompts_groups_together():
+    # the demo's shape: 8 groups of 8 over 6 equally likely classes; each group takes 1 or 2 of a
+    # class, and the 64 members hold 10 or 11 of each (rounding group by group gave 8 to 13)
+    quotas = np.array(group_quotas([1 / 6] * 6, 8, 8, np.random.default_rng(0)))
+    assert (quotas.sum(1) == 8).all() and set(np.unique(quotas)) == {1, 2}
+    assert sorted(quotas.sum(0).tolist()) == [10, 10, 11, 11, 11, 11]
+    # any target, size and number of groups: every group rounds each class down or up, and every
+    # class's total over the first g groups stays within one member of g * size * p_c
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for _ in range(20_000):
+        classes = int(rng.integers(1, 9))
+        target = rng.dirichlet(np.full(classes, rng.choice([0.3, 1.0, 10.0])))
+        size, groups = int(rng.integers(1, 40)), int(rng.integers(1, 20))
+        quotas = np.array(group_quotas(target, size, groups, rng))
+        assert (quotas.sum(1) == size).all()
+        assert (np.abs(quotas - size * target) < 1 + 1e-9).all()
+        shares = np.arange(1, groups + 1)[:, None] * size * target
+        worst = max(worst, float(np.abs(quotas.cumsum(0) - shares).max()))
+    assert worst < 1
 
 
 def test_world_images_without_latents_are_labelled_and_vae_encoded(tiny_model, tmp_path, capsys):

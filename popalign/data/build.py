@@ -3,9 +3,10 @@
 For every neutral prompt, each of ``G`` groups holds:
 
 * a *preferred* population of ``K`` images of its augmented prompts, balanced to the axes' joint
-  target ``p``: ``n_c`` members of joint class ``c`` with ``n = largest_remainder(K * p)``, drawn
-  without replacement; an image is usable only when its labels agree with every class its prompt
-  names and are not ``unknown`` (the others are excluded and counted);
+  target ``p``: ``n_c`` members of joint class ``c``, ``K * p_c`` rounded so that the ``G`` groups of
+  a prompt are balanced together too (:func:`group_quotas`), drawn without replacement; an image is
+  usable only when its labels agree with every class its prompt names and are not ``unknown`` (the
+  others are excluded and counted);
 * a *dispreferred* population of ``K`` images of the neutral prompt itself.
 
 Both are captioned with the neutral prompt, encoded once per prompt with both SDXL text encoders.
@@ -65,24 +66,35 @@ class BuildSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def largest_remainder(
-    target: Sequence[float], total: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
-    """Integer counts ``n_c`` summing to ``total`` closest to ``total * p_c``.
+def group_quotas(
+    target: Sequence[float], size: int, groups: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Counts ``n_gc`` for ``groups`` populations of ``size`` members, balanced per group and together.
 
-    ``n_c = floor(total * p_c)``, then one more for each of the ``total - sum(n)`` classes with the
-    largest remainders ``total * p_c - n_c``; equal remainders are taken in random order when ``rng``
-    is given (so no class is favoured across groups), else lowest index first.
-    E.g. ``p = (0.5, 0.3, 0.2)``, ``total = 4``: exact (2, 1.2, 0.8) -> floors (2, 1, 0) -> +1 to the
-    largest remainder 0.8 -> (2, 1, 1).
+    Each group gets ``floor(size * p_c)`` of every class; its ``size - sum(floor)`` extra members go
+    to the classes furthest below their share of all groups so far, ``d_c = (g + 1) * size * p_c -
+    sum_{j < g} n_jc - floor(size * p_c)``, among classes whose share is not whole; equal ones in random
+    order with ``rng``, else lowest index first. One group is largest-remainder rounding (``p = (0.5,
+    0.3, 0.2)``, ``size = 4``: exact (2, 1.2, 0.8) -> (2, 1, 1)). Every ``n_gc`` is the floor or the
+    ceiling of ``size * p_c``, and each class's total over the first groups stays near its share
+    (within one member in every one of 20 000 random cases the tests draw). With ``p`` uniform over 6
+    classes, 8 groups of 8 give every class 10 or 11 of the 64 members; rounding each group on its own
+    (ties drawn per group) gave one prompt of the demo 8 members of one class and 13 of another.
     """
-    exact = np.asarray(target, dtype=float) * total
-    counts = np.floor(exact + 1e-9).astype(int)
-    rest = np.round(exact - counts, 9)  # equal in exact arithmetic -> equal here
-    order = rng.permutation(len(rest)) if rng is not None else np.arange(len(rest))
-    ranked = order[np.argsort(-rest[order], kind="stable")]
-    counts[ranked[: total - counts.sum()]] += 1
-    return counts
+    exact = np.asarray(target, dtype=float) * size
+    floors = np.floor(exact + 1e-9).astype(int)
+    whole = exact - floors <= 1e-9  # such a class never takes an extra member
+    given = np.zeros(len(exact))
+    quotas = []
+    for g in range(groups):
+        deficit = np.where(whole, -np.inf, np.round((g + 1) * exact - given - floors, 9))
+        order = rng.permutation(len(exact)) if rng is not None else np.arange(len(exact))
+        ranked = order[np.argsort(-deficit[order], kind="stable")]
+        counts = floors.copy()
+        counts[ranked[: size - floors.sum()]] += 1
+        given += counts
+        quotas.append(counts)
+    return quotas
 
 
 @dataclass
@@ -222,7 +234,7 @@ def _plan(
                 else:
                     pools[joint.index(img.labels)].append(img)
         rng = np.random.default_rng([s.seed, zlib.crc32(row.neutral_id.encode())])
-        quotas = [largest_remainder(joint.target, k, rng) for _ in range(s.groups_per_prompt)]
+        quotas = group_quotas(joint.target, k, s.groups_per_prompt, rng)
         need = np.max(quotas, axis=0)
         short = [
             f"{joint.class_names[c]} {len(p)}/{need[c]}" for c, p in enumerate(pools) if len(p) < need[c]
