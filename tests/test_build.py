@@ -120,10 +120,11 @@ def test_build_balances_populations_and_trains_one_step(
 
 
 def test_a_damaged_build_is_rebuilt_not_taken_as_up_to_date(
-    generated, labels, table, tiny_model, tmp_path, capsys
+    generated, labels, table, tiny_model, tmp_path, capsys, monkeypatch
 ):
     """A re-run with unchanged inputs is "up to date" only when every shard has the size summary.json
-    recorded: a truncated shard, or a summary from before sizes were recorded, is rebuilt."""
+    recorded and was drawn by the current rule: a truncated shard, a summary from before sizes were
+    recorded, or shards drawn by an earlier rule are rebuilt."""
     out = tmp_path / "shards"
     args = ["build", "--images", generated, "--labels", labels, "--prompts", table, "--model", tiny_model,
         "--out", out, "--population-size", 2, "--groups-per-prompt", 2]  # fmt: skip
@@ -143,6 +144,8 @@ def test_a_damaged_build_is_rebuilt_not_taken_as_up_to_date(
     assert json.loads(summary.read_text())["shard_bytes"] == [len(good)]
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "summary.json"]  # no .partial left
     assert "up to date" in run_cli(args, capsys)[1]
+    monkeypatch.setattr("popalign.data.build.DRAW_RULE", 0)  # shards of an earlier rule: drawn again
+    assert "up to date" not in run_cli(args, capsys)[1] and "up to date" in run_cli(args, capsys)[1]
     # a shard added since is not part of this build, and training on OUT would read it: refused
     (out / "shard-000009.tar").write_bytes(good)
     code, _, err = run_cli(args, capsys)

@@ -49,6 +49,10 @@ from popalign.data.pipeline import component_kwargs
 from popalign.data.prompts import PromptRow, read_prompt_table
 from popalign.errors import UserError, first_line
 
+#: how ``build`` draws populations from unchanged inputs; part of the up-to-date check, so shards drawn by
+#: an earlier rule are rebuilt (2: a prompt's groups balanced together, :func:`group_quotas`)
+DRAW_RULE = 2
+
 
 @dataclass
 class BuildSettings:
@@ -312,6 +316,7 @@ def build_populations(
         vae=vae,
         axes=[a.to_dict() for a in axes],
         settings=asdict(s),
+        draw_rule=DRAW_RULE,
     )
     old = out / "summary.json"
     damaged = ""
