@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,34 @@ def test_a_damaged_build_is_rebuilt_not_taken_as_up_to_date(
     (out / "shard-000009.tar").write_bytes(good)
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "shard-000009.tar: 1 shard(s)" in err and "did not write" in err
+
+
+def test_inputs_rewritten_unchanged_keep_a_build_up_to_date(
+    generated, labels, table, tiny_model, tmp_path, capsys
+):
+    """Re-running ``prompts`` or ``label`` rewrites their files with the same content and a new mtime:
+    the build stays up to date. Other content, or an image shard written again, rebuilds it."""
+    images, text = tmp_path / "images", {p: tmp_path / p.name for p in (labels, table)}
+    shutil.copytree(generated, images)
+    for src, dst in text.items():
+        dst.write_bytes(src.read_bytes())
+    args = ["build", "--images", images, "--labels", text[labels], "--prompts", text[table],
+        "--model", tiny_model, "--out", tmp_path / "shards", "--population-size", 2, "--groups-per-prompt", 2]  # fmt: skip
+    assert run_cli(args, capsys)[0] == 0
+
+    def later(path: Path) -> None:
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    for path in text.values():
+        path.write_bytes(path.read_bytes())  # what a re-run of prompts / label does
+        later(path)
+    assert "up to date" in run_cli(args, capsys)[1]
+    rows = text[labels].read_text().splitlines(keepends=True)
+    text[labels].write_text("".join(reversed(rows)))  # the same labels in another order: other bytes
+    assert "up to date" not in run_cli(args, capsys)[1] and "up to date" in run_cli(args, capsys)[1]
+    later(next(images.glob("*.tar")))  # a shard written again
+    assert "up to date" not in run_cli(args, capsys)[1] and "up to date" in run_cli(args, capsys)[1]
 
 
 def test_quotas_round_like_largest_remainder_within_a_group():

@@ -15,8 +15,9 @@ Each group also stores the embeddings of the augmented captions its preferred me
 leaves them out.
 Latents come from ``generate`` (VAE-encoded here only for images without ``latent.npy``). The shards
 follow ``docs/shards.md``; ``summary.json`` records the counts. Shards are built in ``OUT/.partial``
-and moved into place when all are written; a re-run with unchanged inputs does nothing while every
-shard still has the size ``summary.json`` recorded (else it rebuilds).
+and moved into place when all are written; a re-run with unchanged inputs (the labels' and prompt
+table's content, the image shards' sizes and mtimes, the flags) does nothing while every shard still
+has the size ``summary.json`` recorded (else it rebuilds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,26 @@ class _Image:
     pixels: np.ndarray | None
 
 
-def _fingerprint(paths: Sequence[Path], **extra: Any) -> str:
-    stats = []
-    for p in paths:
+def _fingerprint(shards: Sequence[Path], texts: Sequence[Path], **extra: Any) -> str:
+    """What a build depends on: each image shard's path, size and mtime (shards are written once and
+    can be large), the *content* of the text inputs (labels, prompt table: re-running ``prompts`` or
+    ``label`` rewrites them unchanged, which must not force a rebuild), and ``extra``."""
+
+    def stat(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def read(p: Path, how: Callable[[Path], Any]) -> tuple[str, Any]:
         try:
-            st = p.stat()
+            return str(p), how(p)
         except OSError as err:
             raise UserError(f"{p}: cannot read ({err.strerror or err})") from None
-        stats.append((str(p), st.st_size, st.st_mtime_ns))
-    return hashlib.sha256(json.dumps([stats, extra], sort_keys=True, default=str).encode()).hexdigest()
+
+    record = [[read(p, stat) for p in shards], [read(p, digest) for p in texts], extra]
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _vae_geometry(source: str) -> tuple[int, int]:
@@ -311,7 +323,8 @@ def build_populations(
         raise UserError(f"{prompts}: no augmented rows name an axis; pass --axes")
     joint = Intersection(axes)
     inputs = _fingerprint(
-        [*image_shards(images), labels, prompts],
+        image_shards(images),
+        [labels, prompts],
         model=model,
         vae=vae,
         axes=[a.to_dict() for a in axes],
