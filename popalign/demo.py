@@ -17,6 +17,7 @@ it lives in :mod:`popalign.demo_compare`.
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import signal
 import threading
@@ -156,7 +157,8 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
     The run's own copy of the config (paths, seed, steps and objective filled in; a schedule's
     ``total_steps`` set to the run's steps) is written to
     ``run/config.yaml`` first, so the run can be repeated by hand with ``train.py fit --config``.
-    When ``run/config.yaml`` already holds the same config, a finished training is not repeated and an
+    When ``run/config.yaml`` already holds the same config, made for shards of the same build
+    fingerprint (recorded in its first line), a finished training is not repeated and an
     interrupted one resumes from ``run/checkpoints/last.ckpt`` (saved every ``every_n_train_steps``);
     otherwise old checkpoints are deleted and training starts at step 0.
     """
@@ -185,7 +187,9 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
         if "warmup_steps" in schedule:
             schedule["warmup_steps"] = min(schedule["warmup_steps"], s.train_steps - 1)
     config["data"]["train_shards"] = str(shards)
-    text = yaml.safe_dump(config, sort_keys=False)
+    # the shards' build fingerprint makes the cache key too: shards drawn anew mean training anew
+    built = f"# trained on shards built from inputs {_build_inputs(shards)} (popalign build's fingerprint)\n"
+    text = built + yaml.safe_dump(config, sort_keys=False)
     # trained.json marks a finished training of run/config.yaml; it goes before the config changes
     path, last, done = run / "config.yaml", run / "checkpoints" / "last.ckpt", run / "trained.json"
     same = path.is_file() and path.read_text() == text
@@ -206,6 +210,14 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
     ema = ["--ema"] if model.get("ema_decay") is not None else []  # the averaged weights, when kept
     _cli(["export", str(last), "--out", str(run / "aligned"), "--overwrite", *ema])
     return run / "aligned"
+
+
+def _build_inputs(shards: Path) -> str:
+    """The fingerprint of what ``build`` made ``shards`` from (``summary.json``'s ``inputs``)."""
+    try:
+        return str(json.loads((shards / "summary.json").read_text(encoding="utf-8"))["inputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 def _fit(args: list[str]) -> None:

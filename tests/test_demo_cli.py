@@ -219,6 +219,19 @@ def test_training_resumes_or_is_reused(tmp_path, fake_training):
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 40
 
 
+def test_shards_built_anew_are_trained_on_anew(tmp_path, fake_training):
+    # the cache key is the config and the shards' build fingerprint: the same config on shards drawn
+    # from other inputs (or by another rule) trains from step 0, and once finished is reused
+    calls, _ = fake_training
+    s, run, shards = demo_settings.DemoSettings(out=str(tmp_path)), tmp_path / "train", tmp_path / "shards"
+    shards.mkdir()
+    for inputs, trained in (("aaa", 1), ("aaa", 1), ("bbb", 2), ("bbb", 2)):
+        (shards / "summary.json").write_text(json.dumps({"inputs": inputs}))
+        demo.train_and_export(s, tmp_path / "base", shards, run, 0)
+        assert len(calls) == trained and "--ckpt_path" not in calls[-1]
+    assert (run / "config.yaml").read_text().startswith("# trained on shards built from inputs bbb ")
+
+
 def test_a_decaying_schedule_spans_the_run(tmp_path, fake_training):
     calls, _ = fake_training
     config = yaml.safe_load(demo_settings.find_config().read_text())
