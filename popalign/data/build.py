@@ -28,7 +28,7 @@ import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,22 +116,14 @@ def _fingerprint(shards: Sequence[Path], texts: Sequence[Path], **extra: Any) ->
     """What a build depends on: each image shard's path, size and mtime (shards are written once and
     can be large), the *content* of the text inputs (labels, prompt table: re-running ``prompts`` or
     ``label`` rewrites them unchanged, which must not force a rebuild), and ``extra``."""
-
-    def stat(p: Path) -> tuple[int, int]:
-        st = p.stat()
-        return st.st_size, st.st_mtime_ns
-
-    def digest(p: Path) -> str:
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-
-    def read(p: Path, how: Callable[[Path], Any]) -> tuple[str, Any]:
-        try:
-            return str(p), how(p)
-        except OSError as err:
-            raise UserError(f"{p}: cannot read ({err.strerror or err})") from None
-
-    record = [[read(p, stat) for p in shards], [read(p, digest) for p in texts], extra]
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        stats = [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in shards]
+        digests = [(str(p), hashlib.sha256(p.read_bytes()).hexdigest()) for p in texts]
+    except OSError as err:
+        raise UserError(f"{err.filename}: cannot read ({err.strerror or err})") from None
+    return hashlib.sha256(
+        json.dumps([stats, digests, extra], sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 def _vae_geometry(source: str) -> tuple[int, int]:
