@@ -188,7 +188,7 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
             schedule["warmup_steps"] = min(schedule["warmup_steps"], s.train_steps - 1)
     config["data"]["train_shards"] = str(shards)
     # the shards' build fingerprint makes the cache key too: shards drawn anew mean training anew
-    built = f"# trained on shards built from inputs {_build_inputs(shards)} (popalign build's fingerprint)\n"
+    built = f"# trained on shards built from inputs {build_inputs(shards)} (popalign build's fingerprint)\n"
     text = built + yaml.safe_dump(config, sort_keys=False)
     # trained.json marks a finished training of run/config.yaml; it goes before the config changes
     path, last, done = run / "config.yaml", run / "checkpoints" / "last.ckpt", run / "trained.json"
@@ -212,7 +212,7 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
     return run / "aligned"
 
 
-def _build_inputs(shards: Path) -> str:
+def build_inputs(shards: Path) -> str:
     """The fingerprint of what ``build`` made ``shards`` from (``summary.json``'s ``inputs``)."""
     try:
         return str(json.loads((shards / "summary.json").read_text(encoding="utf-8"))["inputs"])

@@ -3,7 +3,8 @@
 Every objective x training seed from the same cached base model and the same shards (the demo's
 stages in :mod:`popalign.demo`), evaluated on the same held-out seeds; the base model is evaluated
 once. Writes ``OUT/compare.md`` (mean ± sd per objective) and ``OUT/compare.json``. Each finished run
-keeps its summary under a key of everything its numbers depend on, so the same command after an
+keeps its summary under a key of everything its numbers depend on (settings, training config, the
+shards' build fingerprint), so the same command after an
 interrupt skips the runs already done.
 """
 
@@ -93,7 +94,8 @@ def run_compare(
         | {"steps": steps, "guidance_scale": guidance, "data": {k: getattr(s, k) for k in DATA_KEYS}},
         sort_keys=True,
     )
-    config = load_config(s.config)  # part of every run's key
+    config = load_config(s.config)  # part of every run's key, with the shards' build fingerprint
+    built = demo.build_inputs(shards)
     stage("evaluate the base model")
     key = hashlib.sha256(f"base {evaluation}".encode()).hexdigest()
     rows = {
@@ -114,7 +116,9 @@ def run_compare(
             run = out / "compare" / f"{name}-s{seed}"
             settings = DemoSettings(**(asdict(s) | {"objective": objective}))
             key = hashlib.sha256(
-                json.dumps([_result_settings(settings), seed, evaluation, config], sort_keys=True).encode()
+                json.dumps(
+                    [_result_settings(settings), seed, evaluation, config, built], sort_keys=True
+                ).encode()
             ).hexdigest()
 
             def one(settings=settings, run=run, seed=seed) -> dict[str, float]:

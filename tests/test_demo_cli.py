@@ -302,6 +302,10 @@ def test_compare_reuses_finished_runs_and_never_leaves_stale_results(tmp_path, f
     assert result["rows"]["PopAlignLoss"] == [ROW, ROW]
     demo_compare.run_compare(dataclass_replace(s, eval_images=8), (0, 1), objectives)  # other settings: rerun
     assert len(evaluated) == 5 + 5
+    (tmp_path / "sh").mkdir()
+    (tmp_path / "sh" / "summary.json").write_text(json.dumps({"inputs": "other"}))  # shards drawn anew
+    demo_compare.run_compare(dataclass_replace(s, eval_images=8), (0, 1), objectives)
+    assert len(evaluated) == 10 + 4  # every training again; the base's evaluation does not use them
 
 
 def dataclass_replace(s, **kw):
