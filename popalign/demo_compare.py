@@ -4,8 +4,7 @@ Every objective x training seed from the same cached base model and the same sha
 stages in :mod:`popalign.demo`), evaluated on the same held-out seeds; the base model is evaluated
 once. Writes ``OUT/compare.md`` (mean ± sd per objective) and ``OUT/compare.json``. Each finished run
 keeps its summary under a key of everything its numbers depend on (settings, training config, the
-shards' build fingerprint), so the same command after an
-interrupt skips the runs already done.
+shards' build fingerprint), so the same command after an interrupt skips the runs already done.
 """
 
 from __future__ import annotations
