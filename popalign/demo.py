@@ -214,10 +214,17 @@ def train_and_export(s: DemoSettings, base: Path, shards: Path, run: Path, seed:
 
 def build_inputs(shards: Path) -> str:
     """The fingerprint of what ``build`` made ``shards`` from (``summary.json``'s ``inputs``)."""
+    return str(read_json_object(shards / "summary.json").get("inputs", "unknown"))
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ``{}`` when it is missing, unreadable or not an object (a cache
+    entry or record that cannot vouch for anything)."""
     try:
-        return str(json.loads((shards / "summary.json").read_text(encoding="utf-8"))["inputs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown"
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _fit(args: list[str]) -> None:

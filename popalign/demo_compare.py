@@ -56,7 +56,7 @@ def _result_settings(s: DemoSettings) -> dict:
 
 def _cached(path: Path, key: str, compute) -> dict[str, float]:
     """``compute()`` (a summary row), or the one saved at ``path`` by an earlier run with the same key."""
-    saved = _read_json(path)
+    saved = demo.read_json_object(path)
     if saved.get("key") == key and isinstance(saved.get("summary"), dict):
         print(f"{path.parent}: done by an earlier run with the same settings; reusing its result", flush=True)
         return saved["summary"]
@@ -158,11 +158,3 @@ def run_compare(
     files.write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
