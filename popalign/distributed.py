@@ -170,6 +170,32 @@ def block_wrap_policy(class_names: Sequence[str]):
     return CustomPolicy(is_unit)
 
 
+def check_one_unit_dtypes(trainer: Any, module: nn.Module) -> None:
+    """Refuse, with what to do instead, a plain FSDP strategy that would flatten mixed dtypes.
+
+    Lightning's ``fsdp`` without an ``auto_wrap_policy`` makes the whole module one FSDP unit, and
+    one unit flattens its weights into one tensor of one dtype. Under a mixed precision the float32
+    policy and the bfloat16 reference (the SDXL configs' ``reference_dtype``) keep their dtypes, so
+    FSDP would stop with a bare ``ValueError`` while wrapping. (``32-true`` and the other ``-true``
+    precisions cast the whole module to one dtype first, reference included.)
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy) or strategy.kwargs.get("auto_wrap_policy") is not None:
+        return
+    if "true" in str(trainer.precision):
+        return
+    dtypes = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.is_floating_point()}
+    )
+    if len(dtypes) > 1:
+        raise UserError(
+            f"strategy {type(strategy).__name__} without an auto_wrap_policy wraps the whole module as one "
+            f"FSDP unit, and one unit holds one dtype; these weights are {' and '.join(dtypes)} (the frozen "
+            f"reference is kept in reference_dtype). Use --trainer.strategy {STRATEGY_NAME} (a unit per UNet "
+            "block, each of one dtype), or --model.init_args.reference_dtype float32"
+        )
+
+
 def shards_parameters(trainer: Any) -> bool:
     """Whether ``trainer`` splits parameters across processes (FSDP or DeepSpeed over > 1 process).
 

@@ -148,8 +148,9 @@ class PopAlignModule(OptimizerHooks):
                 speed.compile_repeated_blocks(unet, mode=compile_mode)
 
     def setup(self, stage: str) -> None:
-        from popalign.distributed import shards_parameters
+        from popalign.distributed import check_one_unit_dtypes, shards_parameters
 
+        check_one_unit_dtypes(self.trainer, self)
         if self.ema is not None and shards_parameters(self.trainer):
             raise UserError(
                 f"ema_decay keeps a whole copy of the weights, which {type(self.trainer.strategy).__name__} "

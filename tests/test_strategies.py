@@ -65,6 +65,18 @@ def test_plain_fsdp_does_not_hang_when_a_rank_holds_only_frozen_weights(tiny_run
     assert math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
 
 
+def test_plain_fsdp_refuses_mixed_dtypes_with_what_to_do_instead(tiny_run):
+    # under bf16-mixed Lightning keeps the float32 policy and the bfloat16 reference as they are, and
+    # plain FSDP's one unit would flatten both into one tensor: FSDP used to stop with a bare
+    # "Must flatten tensors with uniform dtype" ValueError while wrapping (tests/test_gpu.py's plain
+    # fsdp run, which has this configuration, failed on an H200 on 2026-11-30)
+    strategy = {"class_path": "cpu_strategies.CPUFSDPStrategy"}
+    proc = fit_tiny(tiny_run, "plain_mixed", strategy, "bfloat16", devices=1, precision="bf16-mixed")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "one FSDP unit" in proc.stderr and "bfloat16 and float32" in proc.stderr
+    assert "--trainer.strategy fsdp_blocks" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_block_fsdp_with_bfloat16_reference_trains(tiny_run):
     # the SDXL configs' default: float32 policy units and bfloat16 reference units side by side
