@@ -30,8 +30,9 @@ def utilization(flops_per_step: float, steps_per_s: float, peak_tflops: float) -
     return flops_per_step * steps_per_s / (peak_tflops * 1e12)
 
 
-def count_host_syncs(fn: Callable[[], object]) -> int:
-    """How many synchronizing CUDA calls one call of ``fn`` makes (torch's sync debug mode, as warnings).
+def host_sync_sites(fn: Callable[[], object]) -> list[str]:
+    """Where one call of ``fn`` makes synchronizing CUDA calls (torch's sync debug mode, as warnings):
+    one ``file:line`` per call, the Python line that made it (empty when there is none).
 
     CUDA only: synchronizes the device first, and restores the default debug mode afterwards.
     """
@@ -43,4 +44,4 @@ def count_host_syncs(fn: Callable[[], object]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

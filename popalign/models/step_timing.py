@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from popalign.errors import UserError
-from popalign.models.flops import count_flops, count_host_syncs, utilization
+from popalign.models.flops import count_flops, host_sync_sites, utilization
 from popalign.models.speed import (
     CHECKPOINT_POLICIES,
     REPEATED_BLOCKS,
@@ -164,7 +164,7 @@ class StepTimer:
         for _ in range(self.warmup):  # compilation happens here
             step()
         warmup_s = self._since(t0)
-        syncs = count_host_syncs(step) if cuda else None
+        syncs = host_sync_sites(step) if cuda else None
         self._sync()
         t0 = time.perf_counter()
         for _ in range(self.steps):
@@ -184,7 +184,8 @@ class StepTimer:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "setup_s": setup_s,
             "warmup_s": warmup_s,
-            "host_syncs": syncs,
+            "host_syncs": None if syncs is None else len(syncs),
+            "host_sync_sites": syncs,
             "error": None,
         }
 
