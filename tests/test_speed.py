@@ -198,3 +198,18 @@ def test_compile_repeated_blocks_inductor_keeps_outputs_and_gradients(unet):
     with torch.no_grad():
         torch.testing.assert_close(_forward(unet, inputs), before, atol=1e-4, rtol=1e-4)
     _assert_same_grads(_grads(unet, inputs), reference, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["full", "save_matmuls"])
+def test_compiled_blocks_under_checkpointing_keep_gradients(unet, policy):
+    # the SDXL configs run both: every checkpointed block is a compiled one, rerun in backward
+    inputs = _inputs()
+    reference = _grads(unet, inputs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them
+    assert speed.compile_repeated_blocks(unet, blocks=speed.REPEATED_BLOCKS) == 12
+    speed.selective_checkpointing(unet, policy)
+    assert all(m.gradient_checkpointing for m in unet.modules() if hasattr(m, "gradient_checkpointing"))
+    _assert_same_grads(_grads(unet, inputs), reference, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled code ran, not eager
