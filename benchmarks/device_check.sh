@@ -44,7 +44,7 @@ print('lightning', lightning.__version__, 'diffusers', diffusers.__version__, 't
 } 2>&1 | tee "$OUT/env.txt"
 
 stage "2/3 step benchmark (limit ${BENCH_LIMIT_S} s): $BENCH_CONFIGS"
-bench=(python3 benchmarks/step_throughput.py --out "$OUT/results.json" --steps 5 --warmup 2)
+bench=(python3 benchmarks/step_throughput.py --out "$OUT/results.json" --steps 5 --warmup 2 --profile)
 if [[ -n "${CHECK_TINY:-}" ]]; then
     bench+=(--tiny --threads 1 --configs b2+original b4)
 else

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         fused = not args.no_fused and fused_adamw_available(device)
         meta = {**environment(args, argv, device, folder), "fused_adamw": fused}
         timer = StepTimer(folder, device, fused=fused, precision=args.precision, steps=args.steps,
-                          warmup=args.warmup, peak_tflops=args.peak_tflops, vae=vae)  # fmt: skip
+                          warmup=args.warmup, peak_tflops=args.peak_tflops, vae=vae,
+                          profile=args.profile)  # fmt: skip
         for cfg in configs:
             row = timer.row(cfg)
             rows.append(row)
@@ -98,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak for MFU; default 989 = H100 SXM dense bf16 spec (H200: same)")  # fmt: skip
     p.add_argument("--no-fused", action="store_true", help="plain (foreach) AdamW instead of fused")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step per configuration: device busy %% and the costliest ops (JSON)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--workdir", type=Path, default=None, help="where the model is saved (default: a temp dir)"
@@ -191,6 +194,7 @@ COLUMNS = (  # header, row key, format
     ("setup s", "setup_s", "{:.1f}"),
     ("warm-up s", "warmup_s", "{:.1f}"),
     ("syncs", "host_syncs", "{}"),
+    ("busy %", "busy", "{:.3g}"),
     ("x original", "vs_original", "{:.2f}"),
 )
 
@@ -204,7 +208,7 @@ def format_table(rows: list[dict]) -> str:
         value = row.get(key)
         if value is None:
             return "-"
-        return fmt.format(100 * value if key in ("mfu", "hfu") else value)
+        return fmt.format(100 * value if key in ("mfu", "hfu", "busy") else value)
 
     table = [[h for h, _, _ in COLUMNS]] + [[cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]

@@ -70,6 +70,20 @@ def test_tiny_run_writes_rows(bench, tiny_model, tmp_path, capsys, monkeypatch):
     assert "MFU %" in table and "b2+cl" in table and "error" in table
 
 
+def test_profile_names_where_a_step_spends_its_time(bench, tiny_model, tmp_path):
+    out = tmp_path / "p.json"
+    argv = ["--model", tiny_model, "--device", "cpu", "--steps", "1", "--warmup", "1", "--profile"]
+    assert bench.main([*argv, "--configs", "b2", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    profile = row["profile"]
+    assert profile["wall_ms"] > 0 and profile["kernel_ms"] is None and row["busy"] is None  # no CUDA here
+    names = [name for name, _, _ in profile["top"]]
+    assert len(names) == 15 and ("aten::mm" in names or "aten::addmm" in names)
+    assert all(ms >= 0 and calls >= 1 for _, ms, calls in profile["top"])
+    # self times of distinct ops on one thread cannot add up to more than the step took
+    assert 0 < sum(ms for _, ms, _ in profile["top"]) <= profile["wall_ms"]
+
+
 def test_counted_flops_are_linear_in_the_batch(tiny_model):
     # per-pair counting then scaling is exact: count a 1-pair and a 2-pair step of the same module
     from popalign.module import PopAlignModule

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from popalign.errors import UserError
-from popalign.models.flops import count_flops, host_sync_sites, utilization
+from popalign.models.flops import count_flops, host_sync_sites, profile_step, utilization
 from popalign.models.speed import (
     CHECKPOINT_POLICIES,
     REPEATED_BLOCKS,
@@ -103,6 +103,8 @@ class StepTimer:
         steps, warmup: timed steps and untimed steps before them (compilation happens in the latter).
         peak_tflops: the peak MFU and HFU are measured against.
         vae: the VAE of original-style variants (``None`` when there are none).
+        profile: after the timed steps, profile one more (:func:`~popalign.models.flops.profile_step`)
+            into the row's ``profile`` and ``busy``.
     """
 
     def __init__(
@@ -116,9 +118,11 @@ class StepTimer:
         warmup: int,
         peak_tflops: float,
         vae=None,
+        profile: bool = False,
     ) -> None:
         self.folder, self.device, self.fused, self.vae = folder, device, fused, vae
         self.precision, self.steps, self.warmup, self.peak_tflops = precision, steps, warmup, peak_tflops
+        self.profile = profile
         self.shapes = read_shapes(folder)
         self.pair_flops: dict[int | None, int] = {}  # model FLOPs of one pair, per LoRA rank
         self.key: tuple | None = None
@@ -170,6 +174,7 @@ class StepTimer:
         for _ in range(self.steps):
             step()
         elapsed = self._since(t0)  # its sync is the only host sync of the timed loop
+        profile = self._profile(step) if self.profile else None
         model = self.pair_flops[key] * cfg.batch // 2
         per_s = self.steps / elapsed
         return {
@@ -186,6 +191,8 @@ class StepTimer:
             "warmup_s": warmup_s,
             "host_syncs": None if syncs is None else len(syncs),
             "host_sync_sites": syncs,
+            "busy": profile and profile["busy"],
+            "profile": profile,
             "error": None,
         }
 
@@ -216,6 +223,14 @@ class StepTimer:
                     compile_repeated_blocks(unet, mode=cfg.compile, blocks=blocks)
         self.key, self.module = key, module.train()
         return module
+
+    def _profile(self, step) -> dict:
+        # the profile is extra: its failure is recorded in it and leaves the row's timings standing
+        try:
+            return profile_step(step, self.device)
+        except Exception as err:
+            log.error("profiling failed:\n%s", traceback.format_exc())
+            return {"busy": None, "error": f"{type(err).__name__}: {err}"}
 
     def _batch(self, n: int, images: bool) -> dict:
         return make_batch(n, self.shapes, self.device, images)
