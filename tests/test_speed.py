@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -213,3 +214,37 @@ def test_compiled_blocks_under_checkpointing_keep_gradients(unet, policy):
     assert all(m.gradient_checkpointing for m in unet.modules() if hasattr(m, "gradient_checkpointing"))
     _assert_same_grads(_grads(unet, inputs), reference, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled code ran, not eager
+
+
+@pytest.mark.slow
+def test_compiled_lora_module_keeps_loss_and_gradients(tiny_model):
+    # the LoRA config compiles its blocks too: adapters on (policy) and off (reference) in one step
+    from conftest import make_batch
+
+    from popalign.module import PopAlignModule
+    from popalign.objectives import PopAlignLoss
+
+    def step(**switches):
+        torch.manual_seed(0)
+        # beta 50, not 5000: the test compares compiled with eager rounding, which beta multiplies
+        module = PopAlignModule(tiny_model, lora_rank=4, objective=PopAlignLoss(beta=50.0), **switches)
+        with torch.no_grad():  # B starts at zero: move it so the policy differs from its reference
+            for name, p in module.policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        batch = make_batch(pairs=2, seed=3)
+        noise, t = module.noise_and_timesteps(batch["latents"], generator=torch.Generator().manual_seed(1))
+        loss = module.compute_objective(batch, noise, t).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in module.policy.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, module
+
+    loss, grads, _ = step()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_loss, compiled_grads, module = step(compile_blocks="default")
+    assert abs(loss.item() - math.log(2)) > 1e-3  # the adapters moved the policy off the reference
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    _assert_same_grads(compiled_grads, grads, atol=1e-4)
+    assert any("lora_A" in n for n in grads)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled code ran
