@@ -1,4 +1,4 @@
-"""On a CUDA device: the step makes no host syncs, compiled blocks keep the numbers, `train.py fit`
+"""On a CUDA device: the step makes no host syncs, the profile reads its kernels, compiled blocks keep the numbers, `train.py fit`
 starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and BlockFSDPStrategy's full
 checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
 machine."""
@@ -14,7 +14,7 @@ from conftest import make_batch
 from launch import finished_run, fit_tiny
 
 from popalign.models import speed
-from popalign.models.flops import host_sync_sites
+from popalign.models.flops import host_sync_sites, profile_step
 from popalign.module import PopAlignModule
 from popalign.objectives import PopAlignLoss
 
@@ -113,6 +113,21 @@ def test_training_step_makes_no_host_syncs(tiny_model):
 
     step()  # first call: lazy initialisation (optimizer state, kernels) may sync
     assert host_sync_sites(step) == []  # on failure: the file:line of each synchronizing call
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="kernel times are a CUDA notion (the CPU path: tests/test_benchmark.py)"
+)
+def test_profile_reads_the_kernels_of_a_step(tiny_model):
+    module = _module(tiny_model)
+    batch, noise, t = _cuda_inputs(module)
+    _step(module, batch, noise, t)  # first call: lazy initialisation outside the profile
+    profile = profile_step(lambda: _step(module, batch, noise, t), torch.device(DEVICE))
+    assert profile["launches"] > 100 and 0 < profile["kernel_ms"]
+    # one stream: kernels run one after another inside the step (the profiler's clocks may differ a little)
+    assert 0 < profile["busy"] <= 1.05, profile
+    assert profile["top"] and all(ms >= 0 and calls >= 1 for _, ms, calls in profile["top"])
+    assert any("mm" in name or "conv" in name for name, _, _ in profile["top"]), profile["top"]
 
 
 def test_compiled_blocks_keep_loss_and_gradients(tiny_model):
