@@ -1,6 +1,6 @@
-"""On a CUDA device: the step makes no host syncs, the profile reads its kernels, compiled blocks keep the numbers, `train.py fit`
-starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and BlockFSDPStrategy's full
-checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
+"""On a CUDA device: the step makes no host syncs, the profile reads its kernels, compiled blocks keep
+the numbers, `train.py fit` starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and
+BlockFSDPStrategy's full checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
 machine."""
 
 from __future__ import annotations
