@@ -8,12 +8,39 @@ recompute included).
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+_aten = torch.ops.aten
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+# ops whose result the host needs before it can go on (a tensor's value, a data-dependent size)
+_READS = frozenset(
+    getattr(_aten, name)
+    for name in (
+        "_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique", "_unique2",
+        "unique_dim", "unique_consecutive", "repeat_interleave",
+    )
+)  # fmt: skip
+# indexing reads the size of a boolean mask's selection
+_MASKABLE = frozenset((_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_))
+
+
+def _reads_host(func, args: tuple, kwargs: dict) -> bool:
+    packet = func.overloadpacket
+    if packet is _aten.repeat_interleave:  # knows its size from an int of repeats or an output_size
+        return func._overloadname != "self_int" and kwargs.get("output_size") is None
+    if packet in _READS:
+        return True
+    if packet in _MASKABLE:
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -46,6 +73,36 @@ def host_sync_sites(fn: Callable[[], object]) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+class HostReads(TorchDispatchMode):
+    """While active (``with HostReads(where) as reads:``), record every op that hands a tensor's value
+    to the host: ``.item()``, ``float(t)``, ``bool(t)`` (Python branching on a tensor), ``torch.equal``,
+    and the ops whose output size depends on the values (``nonzero``, boolean-mask indexing and
+    assignment, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``). On a
+    GPU each of these waits for the device to finish the work queued before it; this finds them on
+    any device, the CPU included, so a CPU test can keep them out of a training step. On a CPU it
+    cannot see copies (``.cpu()``, ``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch nothing)
+    nor the device-only syncs (the allocator, a copy from pageable memory): :func:`host_sync_sites`
+    on CUDA sees those.
+
+    ``reads`` holds one ``(where(), op, site)`` per read: ``where`` is called at the read (for
+    instance the training step in progress) and ``site`` is the ``file:line`` of the innermost Python
+    frame outside torch itself. Only the thread that entered the mode is watched.
+    """
+
+    def __init__(self, where: Callable[[], object] = lambda: None) -> None:
+        super().__init__()
+        self.where = where
+        self.reads: list[tuple[object, str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's
+        kwargs = kwargs or {}
+        if _reads_host(func, args, kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_TORCH)]
+            site = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+            self.reads.append((self.where(), str(func.overloadpacket.__name__), site))
+        return func(*args, **kwargs)
 
 
 def profile_step(fn: Callable[[], object], device: torch.device, top: int = 15) -> dict:
