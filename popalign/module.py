@@ -287,7 +287,9 @@ class PopAlignModule(OptimizerHooks):
         )
         out = self.compute_objective(batch, noise, t)
         n = batch["latents"].shape[0]
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        # not prog_bar: Lightning would read it back every batch (a host sync); train.py's bars read it
+        # on logging steps (popalign.progress_bars)
+        self.log("train/loss", out.loss.detach(), batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
         return out.loss
 

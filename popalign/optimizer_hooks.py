@@ -85,11 +85,10 @@ class OptimizerHooks(L.LightningModule):
         optimizer.step(closure=guarded_closure)
         self._update_ema(applied[0], self._step_skipped)
         self.log("train/nonfinite_steps", self.nonfinite_steps.float(), batch_size=1)
-        if (
-            _skips_on_device(torch_optimizer)
-            and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
-        ):
-            self._check_nonfinite_limit()  # a logging step reads the metrics back anyway
+        # a logging step reads the metrics back anyway; Lightning counts this step after the hook
+        step = self.trainer.global_step + 1
+        if _skips_on_device(torch_optimizer) and step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._check_nonfinite_limit()
 
     def guard_gradients(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, bool]:
         """After backward: the gradient norm, and whether ``optimizer.step()`` may use the gradients.

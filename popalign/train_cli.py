@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -36,6 +35,7 @@ from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError, first_line
 from popalign.module import PopAlignModule
 from popalign.preemption import AgreedSigtermStop, add_agreed_sigterm_stop
+from popalign.progress_bars import tidy_progress_bars
 from popalign.resume import check_before_fit, last_checkpoint
 from popalign.signals import lightning_interrupt
 
@@ -232,37 +232,9 @@ class PopAlignCLI(LightningCLI):
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         prepare_checkpointing(trainer)
         add_agreed_sigterm_stop(trainer)
-        tidy_rich_progress_bar(trainer.callbacks)
+        tidy_progress_bars(trainer.callbacks)
         _TRAINERS.add(trainer)
         return trainer
-
-
-class TidyRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar with two display fixes.
-
-    - a run limited by ``max_steps`` has ``max_epochs = -1``, which the stock bar prints as
-      ``Epoch 0/-2``; this one says ``Epoch 0`` (runs limited by epochs keep ``Epoch 0/4``);
-    - the logger's version is shown as ``v_num: 0``, not as the metric ``v_num: 0.000``."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        text = super()._get_train_description(current_epoch)
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
-            text = text.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
-        return text
-
-    def get_metrics(self, trainer, pl_module) -> dict:  # noqa: ANN001 - Lightning's signature
-        items = super().get_metrics(trainer, pl_module)
-        if "v_num" in items:
-            items["v_num"] = str(items["v_num"])
-        return items
-
-
-def tidy_rich_progress_bar(callbacks: list) -> None:
-    """Make Lightning's rich progress bar (its default when ``rich`` is installed, or configured) a
-    :class:`TidyRichProgressBar`, keeping its settings: the subclass adds no state."""
-    for callback in callbacks:
-        if type(callback) is RichProgressBar:
-            callback.__class__ = TidyRichProgressBar
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> PopAlignCLI:
