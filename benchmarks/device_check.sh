@@ -19,8 +19,10 @@ OUT=${OUT:-runs/device_check}
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-300}
 TEST_LIMIT_S=${TEST_LIMIT_S:-270}
 # what the first H200 lease (benchmarks/RESULTS.md) left open, most wanted first: a profile of the b8
-# step, b8 within 80 GB, LoRA compiled, then compile_all (~140 s of compiling; cut first by the limit)
-BENCH_CONFIGS=${BENCH_CONFIGS:-"b2+original b8+compile b8+ckpt=save_matmuls+compile b8+lora16+compile b8+compile_all"}
+# step, b8 within 80 GB, LoRA compiled, CUDA graphs in the compiled blocks (reduce-overhead: against
+# the ~316 ms a step that did not grow with the batch), then compile_all (~140 s of compiling; cut
+# first by the limit)
+BENCH_CONFIGS=${BENCH_CONFIGS:-"b2+original b8+compile b8+ckpt=save_matmuls+compile b8+lora16+compile b8+compile=reduce-overhead b8+compile_all"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # fewer fragmentation failures when configurations of different sizes follow each other
