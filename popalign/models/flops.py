@@ -81,10 +81,12 @@ class HostReads(TorchDispatchMode):
     and the ops whose output size depends on the values (``nonzero``, boolean-mask indexing and
     assignment, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``). On a
     GPU each of these waits for the device to finish the work queued before it; this finds them on
-    any device, the CPU included, so a CPU test can keep them out of a training step. On a CPU it
-    cannot see copies (``.cpu()``, ``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch nothing)
-    nor the device-only syncs (the allocator, a copy from pageable memory): :func:`host_sync_sites`
-    on CUDA sees those.
+    any device, the CPU included, so a CPU test can keep them out of a training step. On a CPU every
+    tensor is a host tensor, so reads of values that stay on the host on a GPU too count as well
+    (torch's non-fused Adam keeps its step counts there and reads each one): there the count is an
+    upper bound. What it cannot see there: copies (``.cpu()``, ``.tolist()``, ``.numpy()`` of a CPU
+    tensor dispatch nothing) and the device-only syncs (the allocator, a copy from pageable host
+    memory); :func:`host_sync_sites` sees those on CUDA.
 
     ``reads`` holds one ``(where(), op, site)`` per read: ``where`` is called at the read (for
     instance the training step in progress) and ``site`` is the ``file:line`` of the innermost Python
