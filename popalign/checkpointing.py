@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from popalign.errors import UserError
-from popalign.preemption import stop_agreed
+from popalign.preemption import sigterm_noted, stop_agreed
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,15 @@ class FinalStepCheckpoint(ModelCheckpoint):
     extended from that checkpoint would skip the rest of the epoch's batches. Runs that end with an
     epoch (``max_epochs``) are saved at the end of fit. With ``save_last: link`` it is Lightning's.
 
-    A run that SIGTERM stops (a scheduler's preemption) is saved too: Lightning lets the step in
-    progress finish and stops after it, and ``last`` is written at that step's end, so the resumed run
-    goes on from the step the signal interrupted, not from the last periodic checkpoint. With several
-    ranks, the signal reaches each at its own step: they save the step they agreed to stop after
-    (:class:`~popalign.preemption.AgreedSigtermStop`), all together, as the save is a collective under
-    FSDP. Not in the middle of gradient accumulation, whose gradients a checkpoint does not hold; the
-    periodic checkpoint stays then. A signal that arrives just after this hook ran (and in a run of
-    several ranks, every stop but one after an epoch's last batch) is saved when fit stops
-    (:meth:`on_exception`), unless the batch was its epoch's last.
+    A run that SIGTERM stops (a scheduler's preemption) is saved too: the optimizer step in progress
+    finishes (under gradient accumulation, the rest of its window, as a checkpoint does not hold
+    accumulated gradients), the run stops after it (:class:`~popalign.preemption.AgreedSigtermStop`)
+    and ``last`` is written at that step's end, so the resumed run goes on from the step the signal
+    interrupted, not from the last periodic checkpoint. With several ranks, the signal reaches each at
+    its own step: they save the step they agreed to stop after, all together, as the save is a
+    collective under FSDP. Where the ranks agree between batches (every stop but one after an epoch's
+    last batch), or the signal's killing of the data workers fails the next fetch first, the last
+    step is saved when fit stops (:meth:`on_exception`), unless that batch was its epoch's last.
     """
 
     #: (path, step) of the ``last`` checkpoint written because SIGTERM stopped the run; None otherwise
@@ -72,10 +72,11 @@ class FinalStepCheckpoint(ModelCheckpoint):
             self._save_at_stop(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # SIGTERM that came after this hook ran for the last batch: Lightning stops at its own check
-        # after the batch, or, when the signal also killed the data workers, the next batch's fetch
-        # fails first. Either way the last step is whole and unsaved.
-        if trainer.received_sigterm and _between_batches_mid_epoch(trainer):
+        # SIGTERM that came after this hook ran for the last batch: the signal also killed the data
+        # workers and the next batch's fetch failed before the run could stop (or, without
+        # AgreedSigtermStop, Lightning stopped at its own check after the batch). The last step is
+        # whole and unsaved.
+        if sigterm_noted(trainer) and _between_batches_mid_epoch(trainer):
             self._save_at_stop(trainer)
         super().on_exception(trainer, pl_module, exception)
 
@@ -101,9 +102,10 @@ class FinalStepCheckpoint(ModelCheckpoint):
 
 def _stops_after_this_step(trainer: Any) -> bool:
     """Whether a run that received SIGTERM stops after this batch with a whole step's state, on every
-    rank: Lightning stops after any batch of a single-process run, and after the batch its ranks agreed
-    on in a run of several (:class:`~popalign.preemption.AgreedSigtermStop`); and this batch stepped
-    the optimizer (no accumulation pending)."""
+    rank: Lightning stops a single-process run after the batch in which its flag is set (by
+    :class:`~popalign.preemption.AgreedSigtermStop` after a batch that stepped; by Lightning itself,
+    at the signal, in a trainer without it), and a run of several after the batch its ranks agreed
+    on; and this batch stepped the optimizer (no accumulation pending)."""
     return (
         trainer.world_size == 1 or stop_agreed(trainer)
     ) and not trainer.fit_loop.epoch_loop._should_accumulate()

@@ -34,7 +34,7 @@ from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
 from popalign.errors import UserError, first_line
 from popalign.module import PopAlignModule
-from popalign.preemption import AgreedSigtermStop, add_agreed_sigterm_stop
+from popalign.preemption import add_agreed_sigterm_stop, sigterm_noted
 from popalign.progress_bars import tidy_progress_bars
 from popalign.resume import check_before_fit, last_checkpoint
 from popalign.signals import lightning_interrupt
@@ -314,13 +314,8 @@ def sigterm_stop(stop: BaseException) -> bool:
 
 
 def received_sigterm() -> bool:
-    """Whether a trainer of the current run has received SIGTERM: Lightning's handler sets its flag,
-    and in a run of several processes :class:`AgreedSigtermStop` notes it first."""
-    return any(
-        trainer.received_sigterm
-        or any(isinstance(c, AgreedSigtermStop) and c.signalled for c in trainer.callbacks)
-        for trainer in _TRAINERS
-    )
+    """Whether a trainer of the current run has received SIGTERM (:func:`popalign.preemption.sigterm_noted`)."""
+    return any(sigterm_noted(trainer) for trainer in _TRAINERS)
 
 
 def _saved_at_stop() -> tuple[str, int] | None:

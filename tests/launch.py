@@ -20,7 +20,8 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``logger`` and
+    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``accumulate``
+    (accumulate_grad_batches), ``logger`` and
     ``callbacks`` (more of them) for the trainer, ``lora_rank`` for the module, ``save_last`` for the
     checkpoints, ``new_session`` (a process group of its own, for signals sent to the group)."""
     overlay = {
@@ -31,6 +32,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
             "strategy": strategy,
             "max_steps": steps,
             "gradient_clip_val": more.get("clip"),
+            "accumulate_grad_batches": more.get("accumulate", 1),
             "logger": more.get("logger", False),
             "enable_checkpointing": "checkpoints" in more,
             "enable_progress_bar": False,

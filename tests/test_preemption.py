@@ -19,11 +19,11 @@ def _sigterm(step: int, rank: int, group: bool, epoch_end: bool = False) -> dict
     }
 
 
-def _stopped_and_resumed(root, name: str, strategy, sigterm: dict):
+def _stopped_and_resumed(root, name: str, strategy, sigterm: dict, accumulate: int = 1):
     """A run stopped by ``sigterm``: (its process, the step in its last.ckpt); then the same run
     resumed with --ckpt_path last: its final policy."""
     ckpts = root / f"{name}_ckpts"
-    more = {"checkpoints": ckpts, "save_last": True, "new_session": True, **ADAMW}
+    more = {"checkpoints": ckpts, "save_last": True, "new_session": True, "accumulate": accumulate, **ADAMW}
     stopped = fit_tiny(root, name, strategy, "float32", STEPS, **more, callbacks=[sigterm])
     step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] if stopped.returncode else None
     resumed = fit_tiny(root, f"{name}_resumed", strategy, "float32", STEPS, **more, ckpt_path="last")
@@ -36,15 +36,18 @@ STRATEGIES = {"ddp": "ddp", "fsdp_blocks": {"class_path": "cpu_strategies.CPUBlo
 
 @pytest.fixture(scope="module")
 def straight(tiny_run):
-    """``straight(strategy)``: the final policy of the same run under ``strategy``, not stopped."""
-    finished: dict[str, dict] = {}
+    """``straight(strategy, accumulate=1)``: the final policy of the same run under ``strategy``, not stopped."""
+    finished: dict[tuple[str, int], dict] = {}
 
-    def run(strategy: str) -> dict:
-        if strategy not in finished:
-            proc = fit_tiny(tiny_run, f"straight_{strategy}", STRATEGIES[strategy], "float32", STEPS, **ADAMW)
+    def run(strategy: str, accumulate: int = 1) -> dict:
+        if (strategy, accumulate) not in finished:
+            name = f"straight_{strategy}_{accumulate}"
+            proc = fit_tiny(
+                tiny_run, name, STRATEGIES[strategy], "float32", STEPS, accumulate=accumulate, **ADAMW
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
-            finished[strategy] = load_file(str(tiny_run / f"straight_{strategy}.safetensors"))
-        return finished[strategy]
+            finished[strategy, accumulate] = load_file(str(tiny_run / f"{name}.safetensors"))
+        return finished[strategy, accumulate]
 
     return run
 
@@ -93,6 +96,22 @@ def test_sigterm_between_epochs_stops_after_the_next_epochs_first_step_and_saves
     assert step == 6
     assert stopped.stderr.strip().splitlines()[-1].endswith("at step 6; resume with --ckpt_path last")
     assert _same(resumed, straight("ddp")), "the resumed run did not end where the unstopped run ends"
+
+
+def test_sigterm_during_gradient_accumulation_stops_every_rank_after_the_window_and_saves_it(
+    tiny_run, straight
+):
+    # 2 batches a step, epochs of 5 batches (3 steps): the signal reaches rank 1 alone in the first
+    # batch of step 4; the ranks skip the vote in the middle of the window (a checkpoint would not
+    # hold the accumulated gradients; they stopped there, unsaved), train the second batch, agree
+    # and save step 4
+    stopped, step, resumed = _stopped_and_resumed(
+        tiny_run, "accumulating", "ddp", _sigterm(3, 1, False), accumulate=2
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert step == 4
+    assert stopped.stderr.strip().splitlines()[-1].endswith("at step 4; resume with --ckpt_path last")
+    assert _same(resumed, straight("ddp", 2)), "the resumed run did not end where the unstopped run ends"
 
 
 def test_lightning_still_has_the_sigterm_handling_popalign_replaces():

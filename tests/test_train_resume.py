@@ -125,8 +125,16 @@ def test_a_second_resume_after_a_one_pass_epoch_boundary_trains_the_same_batches
 
 @pytest.mark.parametrize(
     ("workers", "stops", "when"),
-    # off the checkpoint period (every 2 steps); 5 ends epoch 0 (a late signal there is not saved)
-    [(0, [3], "step"), (2, [5], "step"), (2, [3, 7], "step"), (0, [3], "late"), (2, [3, 7], "late")],
+    # off the checkpoint period (every 2 steps); 5 ends epoch 0: a late signal there stops the run
+    # after step 6 (a checkpoint between epochs would resume one epoch ahead), which is saved
+    [
+        (0, [3], "step"),
+        (2, [5], "step"),
+        (2, [3, 7], "step"),
+        (0, [3], "late"),
+        (2, [3, 7], "late"),
+        (0, [5], "late"),
+    ],
 )
 def test_a_run_stopped_by_sigterm_resumes_after_the_interrupted_step(
     tmp_path, monkeypatch, workers, stops, when
@@ -141,10 +149,13 @@ def test_a_run_stopped_by_sigterm_resumes_after_the_interrupted_step(
     assert [lr[s] for s in range(9)] == pytest.approx([1e-4 * min(s + 1, 8) / 8 for s in range(9)], rel=1e-6)
 
 
-def test_a_sigterm_just_after_an_epochs_last_batch_resumes_from_the_checkpoint_before(tmp_path, monkeypatch):
-    # the signal arrives after step 5, the last of epoch 0, was saved: a checkpoint taken as fit
-    # stops there resumed one epoch ahead (Lightning has not yet moved to the next epoch), so none
-    # is taken, and the run resumes from step 4 and trains step 5 again
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sigterm_during_gradient_accumulation_resumes_after_the_window(tmp_path, monkeypatch, workers):
+    # 2 batches a step, epochs of 5 batches (3 steps: the last batch steps alone): the signal comes in
+    # the first batch of step 4 (epoch 1); the run trains the second too and saves step 4, and the
+    # resumed run goes on with epoch 1's third batch. A stop after the first batch was not saved:
+    # the run went back to step 2 and trained steps 3 and 4 again.
     monkeypatch.chdir(tmp_path)
-    straight, resumed = _straight_and_resumed(monkeypatch, WARMUP, 9, [5], sigterm="late")
-    assert resumed == straight[:5] + straight[4:]
+    flags = [f"--data.num_workers={workers}", "--trainer.accumulate_grad_batches=2", *WARMUP]
+    straight, resumed = _straight_and_resumed(monkeypatch, flags, 6, [4], sigterm="step")
+    assert resumed == straight and len(straight) == 10

@@ -163,13 +163,13 @@ def test_sigterm_to_the_process_group_with_data_workers_exits_143_with_one_line(
     assert not multiprocessing.active_children()
 
 
-def test_sigterm_in_the_middle_of_gradient_accumulation_keeps_the_periodic_checkpoint(
+def test_sigterm_in_the_middle_of_gradient_accumulation_finishes_the_window_and_saves_its_step(
     tmp_path, monkeypatch, capsys
 ):
     # 2 batches per optimizer step in epochs of 5 batches (the epoch's last batch steps alone), a
     # checkpoint every 2 steps: SIGTERM during batch 6 (step 3 done, the first half of step 4
-    # accumulated) stops after it; a checkpoint there would not hold the accumulated gradients, so
-    # the resumed run would take step 4 without batch 6
+    # accumulated). A checkpoint after batch 6 would not hold the accumulated gradients (it used to
+    # stop there unsaved, back to step 2), so the run trains batch 7 too and saves step 4
     _tiny_here(tmp_path, monkeypatch, capsys)
     step, batches = PopAlignModule.training_step, []
 
@@ -182,6 +182,7 @@ def test_sigterm_in_the_middle_of_gradient_accumulation_keeps_the_periodic_check
     monkeypatch.setattr(PopAlignModule, "training_step", preempted)
     args = ["--trainer.max_steps=6", "--trainer.accumulate_grad_batches=2"]
     code, err = _stopped_fit(capsys, args, signal.SIGTERM)
-    assert code == 143 and err[-1] == STOPPED_BY_SIGTERM, err
-    assert len(batches) == 6
-    assert torch.load("runs/tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    last = Path("runs/tiny/checkpoints/last.ckpt")
+    assert code == 143 and err[-1] == _stopped_and_saved(last, 4), err
+    assert len(batches) == 7
+    assert torch.load(last, weights_only=True)["global_step"] == 4
