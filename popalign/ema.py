@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 
+_CHUNK = 64  # tensors per step of a device-weighted update
+
+
 class EMA(nn.Module):
     """Shadow copies θ̄ ← d·θ̄ + (1 − d)·θ of the trainable parameters of ``model``, kept as buffers.
 
@@ -46,8 +49,15 @@ class EMA(nn.Module):
         if skipped is None:
             torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
             return
-        weight = (1.0 - self.decay) * (1.0 - skipped.float())
-        torch._foreach_lerp_(shadows, params, weight.to(shadows[0].device))
+        # θ̄ += w·(θ − θ̄) with w on the device: torch's lerp takes its weight as a Python number
+        # (a tensor there is read back, a host sync each step), foreach mul takes a 0-dim tensor.
+        # In chunks, so the difference held at once stays small next to the model.
+        weight = ((1.0 - self.decay) * (1.0 - skipped.float())).to(shadows[0].device)
+        for lo in range(0, len(shadows), _CHUNK):
+            chunk = shadows[lo : lo + _CHUNK]
+            delta = torch._foreach_sub(params[lo : lo + _CHUNK], chunk)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(chunk, delta)
 
     def state_by_name(self) -> dict[str, torch.Tensor]:
         """The averaged parameters keyed by the policy's parameter names."""

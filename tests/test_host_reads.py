@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from test_train_cli import WARMUP
 
 from popalign.cli import main
 from popalign.models.flops import HostReads
@@ -74,7 +75,8 @@ def test_training_reads_back_only_on_steps_that_log_or_checkpoint(tmp_path, monk
     # Lightning reads every prog_bar metric back on every batch; the module logs its loss for the
     # logger only and train.py's bars read it on logging steps, so a step that neither logs nor
     # checkpoints leaves the device alone (fused AdamW, as in the SDXL configs: it skips a NaN step
-    # on the device; other optimizers read the guard's flag every step, by design)
+    # on the device; other optimizers read the guard's flag every step, by design). The EMA read its
+    # on-device weight back every step (torch's foreach lerp takes the weight as a number)
     if bar == "rich":
         pytest.importorskip("rich")
     monkeypatch.chdir(tmp_path)
@@ -88,7 +90,9 @@ def test_training_reads_back_only_on_steps_that_log_or_checkpoint(tmp_path, monk
         f"--trainer.max_steps={steps}",
         f"--trainer.log_every_n_steps={log_every}",
     ]
-    args += ["--model.init_args.optimizer.init_args.fused=true"]
+    # what the SDXL configs switch on around the step, and an EMA
+    args += ["--model.init_args.optimizer.init_args.fused=true", "--trainer.gradient_clip_val=1.0", *WARMUP]
+    args += ["--model.init_args.ema_decay=0.99"]
     if bar == "tqdm":
         args += ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
     cli = cli_main(args, run=False)
