@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 _CHUNK = 64  # tensors per step of a device-weighted update
 
 

@@ -1,6 +1,7 @@
-"""On a CUDA device: the step makes no host syncs, the profile reads its kernels, compiled blocks keep
-the numbers, `train.py fit` starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and
-BlockFSDPStrategy's full checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
+"""On a CUDA device: the step makes no host syncs, nor does `train.py fit` on steps that neither log
+nor checkpoint; the profile reads its kernels; compiled blocks keep the numbers; `train.py fit`
+starts under DDP, Lightning's FSDP and BlockFSDPStrategy on one GPU, and BlockFSDPStrategy's full
+checkpoint resumes. Skipped without CUDA (as in CI); benchmarks/device_check.sh runs them on a GPU
 machine."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import pytest
 import torch
 from conftest import make_batch
 from launch import finished_run, fit_tiny
+from test_host_reads import LOG_EVERY, QUIET_STEPS, fit_watched
 
 from popalign.models import speed
-from popalign.models.flops import host_sync_sites, profile_step
+from popalign.models.flops import cuda_sync_warnings, host_sync_sites, profile_step, sync_sites
 from popalign.module import PopAlignModule
 from popalign.objectives import PopAlignLoss
 
@@ -113,6 +115,19 @@ def test_training_step_makes_no_host_syncs(tiny_model):
 
     step()  # first call: lazy initialisation (optimizer state, kernels) may sync
     assert host_sync_sites(step) == []  # on failure: the file:line of each synchronizing call
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="host syncs are a CUDA notion (on a CPU: tests/test_host_reads.py)"
+)
+def test_train_py_syncs_only_on_steps_that_log_or_checkpoint(tmp_path, monkeypatch):
+    # the CPU test finds reads back; this also sees what only a GPU has (copies to and from the
+    # device, the allocator): the loop, with bf16 autocast, fused AdamW, clipping, warm-up and an EMA
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed"]
+    caught, _ = fit_watched(tmp_path, monkeypatch, cuda_sync_warnings, gpu)
+    syncs = {step: sync_sites(found) for step, found in caught.items()}
+    assert {k: syncs[k] for k in QUIET_STEPS} == {k: [] for k in QUIET_STEPS}  # on failure: the sites
+    assert syncs[LOG_EVERY]  # the watch sees this loop: a logging step reads its metrics back
 
 
 @pytest.mark.skipif(

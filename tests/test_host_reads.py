@@ -5,6 +5,7 @@ the steps that neither log nor checkpoint."""
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,9 @@ QUIET = {  # sizes known without the values
 def test_host_reads_names_the_op_and_the_line(name):
     fn, op = READS[name]
     line = inspect.getsourcelines(fn)[1]
-    with HostReads(where=lambda: "here") as reads:
+    with HostReads() as reads:
         fn()
-    assert reads.reads == [("here", op, f"{__file__}:{line}")]
+    assert reads.reads == [(op, f"{__file__}:{line}")]
 
 
 @pytest.mark.parametrize("name", QUIET)
@@ -58,16 +59,65 @@ def test_host_reads_leaves_ops_of_known_size_alone(name):
     assert reads.reads == []
 
 
-class _StepInProgress(Callback):
-    """The optimizer step (1-based) the current training batch makes; None between epochs."""
+class _StepStarts(Callback):
+    """Where each training batch starts in a growing list of ``events``: ``(step, len(events))``, with
+    ``step`` the optimizer step (1-based) the batch makes, and ``None`` as an epoch ends."""
 
-    step: int | None = None
+    def __init__(self, events: list) -> None:
+        self.events, self.starts = events, []
 
     def on_train_batch_start(self, trainer, *_) -> None:  # noqa: ANN001 - Lightning's signature
-        self.step = trainer.global_step + 1
+        self.starts.append((trainer.global_step + 1, len(self.events)))
 
     def on_train_epoch_end(self, trainer, *_) -> None:  # noqa: ANN001 - Lightning's signature
-        self.step = None
+        self.starts.append((None, len(self.events)))
+
+    def by_step(self) -> dict[int | None, list]:
+        """The events during each step's batches (``None``: before the first, between epochs)."""
+        found: dict[int | None, list] = {}
+        bounds = [(None, 0), *self.starts, (None, len(self.events))]
+        for (step, lo), (_, hi) in zip(bounds, bounds[1:]):
+            found.setdefault(step, []).extend(self.events[lo:hi])
+        return found
+
+
+LOG_EVERY, STEPS = 4, 8
+CHECKPOINT_EVERY = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"][0]["init_args"][
+    "every_n_train_steps"
+]
+QUIET_STEPS = [
+    k for k in range(1, STEPS + 1) if k % LOG_EVERY and k % CHECKPOINT_EVERY
+]  # log nothing, save nothing
+
+
+def fit_watched(tmp_path, monkeypatch, watch, more: list[str] = ()) -> tuple[dict, object]:
+    """``train.py fit`` of configs/tiny.yaml (a tiny model and shards built in ``tmp_path``) for
+    ``STEPS`` steps, logging every ``LOG_EVERY``, with what the SDXL configs switch on around the step
+    (fused AdamW, clipping, a warm-up schedule) and an EMA, inside ``watch()``, a context manager whose
+    value is a list of events it appends to; ``more``: further arguments. Returns the events by step
+    (:meth:`_StepStarts.by_step`) and the trainer."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
+    args = [
+        "--config",
+        str(CONFIG),
+        f"--trainer.max_steps={STEPS}",
+        f"--trainer.log_every_n_steps={LOG_EVERY}",
+    ]
+    args += ["--model.init_args.optimizer.init_args.fused=true", "--trainer.gradient_clip_val=1.0", *WARMUP]
+    cli = cli_main([*args, "--model.init_args.ema_decay=0.99", *more], run=False)
+    with watch() as events:
+        starts = _StepStarts(events)
+        cli.trainer.callbacks.append(starts)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == STEPS
+    return starts.by_step(), cli.trainer
+
+
+@contextmanager
+def _host_reads():
+    with HostReads() as watched:
+        yield watched.reads
 
 
 @pytest.mark.parametrize("bar", ["rich", "tqdm"])
@@ -79,35 +129,13 @@ def test_training_reads_back_only_on_steps_that_log_or_checkpoint(tmp_path, monk
     # on-device weight back every step (torch's foreach lerp takes the weight as a number)
     if bar == "rich":
         pytest.importorskip("rich")
-    monkeypatch.chdir(tmp_path)
-    assert main(["tiny", "--out", "runs/tiny", "--groups", "2"]) == 0
-    log_every, steps = 4, 8
-    checkpoint_every = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"][0]["init_args"]
-    checkpoint_every = checkpoint_every["every_n_train_steps"]
-    args = [
-        "--config",
-        str(CONFIG),
-        f"--trainer.max_steps={steps}",
-        f"--trainer.log_every_n_steps={log_every}",
-    ]
-    # what the SDXL configs switch on around the step, and an EMA
-    args += ["--model.init_args.optimizer.init_args.fused=true", "--trainer.gradient_clip_val=1.0", *WARMUP]
-    args += ["--model.init_args.ema_decay=0.99"]
-    if bar == "tqdm":
-        args += ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
-    cli = cli_main(args, run=False)
-    marker = _StepInProgress()
-    cli.trainer.callbacks.append(marker)
-    capsys.readouterr()
-    with HostReads(where=lambda: marker.step) as watched:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    tqdm = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"] if bar == "tqdm" else []
+    reads, _ = fit_watched(tmp_path, monkeypatch, _host_reads, tqdm)
     shown = capsys.readouterr().out
-    assert cli.trainer.global_step == steps
 
-    quiet = [k for k in range(1, steps + 1) if k % log_every and k % checkpoint_every]
-    assert quiet == [1, 3, 5, 7]
-    assert [r for r in watched.reads if r[0] in quiet] == []
+    assert QUIET_STEPS == [1, 3, 5, 7]
+    assert {k: reads[k] for k in QUIET_STEPS} == {k: [] for k in QUIET_STEPS}
     # the watch does see this loop: logging steps read the metrics back, the bar's loss among them
-    bar_reads = {step for step, _, site in watched.reads if site.split(":")[0].endswith("progress_bars.py")}
-    assert bar_reads == {4, 8}
+    bar_reads = {k for k, found in reads.items() for _, site in found if "progress_bars.py:" in site}
+    assert bar_reads == {LOG_EVERY, STEPS}
     assert ("train/loss: " if bar == "rich" else "train/loss=") in shown, shown

@@ -12,7 +12,8 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,9 +59,10 @@ def utilization(flops_per_step: float, steps_per_s: float, peak_tflops: float) -
     return flops_per_step * steps_per_s / (peak_tflops * 1e12)
 
 
-def host_sync_sites(fn: Callable[[], object]) -> list[str]:
-    """Where one call of ``fn`` makes synchronizing CUDA calls (torch's sync debug mode, as warnings):
-    one ``file:line`` per call, the Python line that made it (empty when there is none).
+@contextmanager
+def cuda_sync_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """While active, torch's CUDA sync debug mode reports each synchronizing call as a warning, caught
+    into the list this yields (with any other warning: :func:`sync_sites` picks the syncs).
 
     CUDA only: synchronizes the device first, and restores the default debug mode afterwards.
     """
@@ -69,14 +71,26 @@ def host_sync_sites(fn: Callable[[], object]) -> list[str]:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn()
+            yield caught
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The ``file:line`` of each synchronizing call among warnings :func:`cuda_sync_warnings` caught."""
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
+def host_sync_sites(fn: Callable[[], object]) -> list[str]:
+    """Where one call of ``fn`` makes synchronizing CUDA calls: one ``file:line`` per call, the Python
+    line that made it (empty when there is none). CUDA only (:func:`cuda_sync_warnings`)."""
+    with cuda_sync_warnings() as caught:
+        fn()
+    return sync_sites(caught)
+
+
 class HostReads(TorchDispatchMode):
-    """While active (``with HostReads(where) as reads:``), record every op that hands a tensor's value
+    """While active (``with HostReads() as watched:``), record every op that hands a tensor's value
     to the host: ``.item()``, ``float(t)``, ``bool(t)`` (Python branching on a tensor), ``torch.equal``,
     and the ops whose output size depends on the values (``nonzero``, boolean-mask indexing and
     assignment, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``). On a
@@ -88,22 +102,20 @@ class HostReads(TorchDispatchMode):
     tensor dispatch nothing) and the device-only syncs (the allocator, a copy from pageable host
     memory); :func:`host_sync_sites` sees those on CUDA.
 
-    ``reads`` holds one ``(where(), op, site)`` per read: ``where`` is called at the read (for
-    instance the training step in progress) and ``site`` is the ``file:line`` of the innermost Python
-    frame outside torch itself. Only the thread that entered the mode is watched.
+    ``reads`` holds one ``(op, site)`` per read, in order: ``site`` is the ``file:line`` of the
+    innermost Python frame outside torch itself. Only the thread that entered the mode is watched.
     """
 
-    def __init__(self, where: Callable[[], object] = lambda: None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.where = where
-        self.reads: list[tuple[object, str, str]] = []
+        self.reads: list[tuple[str, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's
         kwargs = kwargs or {}
         if _reads_host(func, args, kwargs):
             frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_TORCH)]
             site = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-            self.reads.append((self.where(), str(func.overloadpacket.__name__), site))
+            self.reads.append((str(func.overloadpacket.__name__), site))
         return func(*args, **kwargs)
 
 
