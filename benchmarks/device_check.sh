@@ -2,9 +2,10 @@
 # Every GPU check of the training-speed work in one call, sized for a short lease (~10 minutes):
 #   1. the machine: nvidia-smi and package versions                         -> env.txt
 #   2. the step benchmark on the full SDXL UNet (random weights)             -> results.json, bench.log
-#   3. the GPU tests (tests/test_gpu.py): no host syncs in the step, compiled
-#      blocks and channels-last keep the numbers, `train.py fit` starts under
-#      DDP, FSDP and BlockFSDPStrategy on one GPU                            -> tests.log
+#   3. the GPU tests (tests/test_gpu.py): no host syncs in the step, nor in
+#      `train.py fit` between logging steps, compiled blocks and channels-last
+#      keep the numbers, `train.py fit` starts under DDP, FSDP and
+#      BlockFSDPStrategy on one GPU                                          -> tests.log
 # Results go to $OUT (default runs/device_check). Each stage has its own time limit, and the
 # benchmark writes its JSON after every configuration, so a stage that runs long still leaves
 # what it measured.
