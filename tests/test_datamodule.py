@@ -219,6 +219,43 @@ def test_data_workers_outlive_a_sigterm_to_the_job_and_end_with_their_owner(tmp_
     assert not any(_running(pid) for pid in workers)
 
 
+SIGTERM_AT_START = """
+import os, signal, sys
+from popalign.data import PopulationDataModule
+from popalign.data.loader import EpochLoader
+
+if __name__ == "__main__":
+    got = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    dm = PopulationDataModule(sys.argv[1], groups_per_batch=1, pairs_per_group=2, num_workers=2)
+    dm.setup("fit")
+    loader = EpochLoader(dm.train_stream, lambda: 0, num_workers=2, multiprocessing_context=sys.argv[2])
+    batches = iter(loader)  # the workers are starting (a spawned one imports torch first: seconds)
+    os.killpg(0, signal.SIGTERM)  # a scheduler's preemption, now
+    print("batches", sum(1 for _ in batches), "got", bool(got), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_data_workers_outlive_a_sigterm_that_comes_while_they_start(tmp_path, context):
+    # a spawned worker starts with nothing blocked, and forkserver's workers are forked by a server
+    # process whose death of the signal ends them as well (torch's watchdog follows the parent): both
+    # died, and the first fetch failed. Started with SIGTERM ignored, they take their handler first.
+    write_shards(tmp_path, 10, maxcount=2)
+    script = tmp_path / "start_sigterm.py"
+    script.write_text(SIGTERM_AT_START)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), context],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # a process group of its own, as a job has
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.splitlines()[0] == "batches 10 got True", run.stdout + run.stderr[-3000:]
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -13,6 +13,7 @@ import multiprocessing.sharedctypes
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -134,17 +135,37 @@ class EpochLoader(DataLoader):
 
 @contextlib.contextmanager
 def _sigterm_blocked(block: bool) -> Iterator[None]:
-    """SIGTERM blocked in this thread inside the block, when ``block``: a worker forked here starts
-    with it blocked, until :func:`_outlive_foreign_sigterm` has its handler in place. A SIGTERM for
-    this process meanwhile waits, and is handled when the block ends. (A spawned worker starts with
-    nothing blocked: until its handler is in place, torch's own applies.)"""
+    """SIGTERM held off from the workers started inside the block, when ``block``, until
+    :func:`_outlive_foreign_sigterm` has their handler in place; a SIGTERM for this process meanwhile
+    waits, and is handled when the block ends.
+
+    A forked worker inherits the blocked signal. A spawned one does not (the start resets the mask),
+    nor does the server that ``forkserver`` workers are forked from, and that server's death of the
+    signal ends its workers too (torch's watchdog follows the parent). An *ignored* signal does stay
+    ignored across ``exec``, so on Linux, in the main thread, SIGTERM is also set to ``SIG_IGN`` for the
+    block: those processes start ignoring it (the server for good: it ends with this process). Linux
+    keeps a blocked signal pending even while it is ignored, so one that arrives meanwhile still reaches
+    this process's handler, put back before the unblock; one already pending would be dropped by the
+    ``SIG_IGN``, so then the block only blocks.
+    """
     if not block or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    handler = None
+    if (
+        sys.platform.startswith("linux")
+        and threading.current_thread() is threading.main_thread()
+        and signal.SIGTERM not in signal.sigpending()
+    ):
+        handler = signal.getsignal(signal.SIGTERM)  # None: set outside Python, cannot be put back
+        if handler is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         yield
     finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
