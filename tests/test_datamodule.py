@@ -127,9 +127,9 @@ def _no_init(worker_id: int) -> None:
 
 def test_a_data_worker_killed_by_sigterm_fails_a_later_batch_not_the_step(tmp_path):
     # where a worker does die of a scheduler's SIGTERM (a worker_init_fn of the user's replaces the
-    # handler that lets it live on; a spawned worker not yet started): torch raised the death in the
-    # main process (its SIGCHLD handler) in the middle of the training step, which Lightning would
-    # have finished
+    # handler that lets it live on; a spawned worker started outside the main thread): torch raised
+    # the death in the main process (its SIGCHLD handler) in the middle of the training step, which
+    # Lightning would have finished
     write_shards(tmp_path, 10, maxcount=2)
     dm = PopulationDataModule(str(tmp_path), groups_per_batch=1, pairs_per_group=2, num_workers=2)
     dm.setup("fit")
@@ -170,7 +170,7 @@ class SignalsTheGroup(PopulationStream):
         (started / str(info.id)).touch()
         for i, batch in enumerate(super().__iter__()):
             if i == 1:  # a scheduler's preemption, while the owner fetches a batch
-                # once every worker runs (a spawned one dies of it while it starts, as torch's do)
+                # once every worker runs (the signal at their start is the next test's case)
                 for _ in range(600):
                     if len(list(started.iterdir())) == info.num_workers:
                         break
@@ -196,23 +196,29 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
-def test_data_workers_outlive_a_sigterm_to_the_job_and_end_with_their_owner(tmp_path, context):
-    # the signal reaches every process of the job while a batch is fetched: torch's workers died of
-    # it and that fetch failed, before the training ranks could agree to stop and save the step
+def _job(tmp_path, script_text: str, context: str) -> list[str]:
+    """``script_text`` run over 10 groups of shards in ``tmp_path``, with workers started by ``context``,
+    in a process group of its own, as a job has: its output lines (it must succeed)."""
     write_shards(tmp_path, 10, maxcount=2)
-    script = tmp_path / "group_sigterm.py"  # a file: spawned workers import its stream class from it
-    script.write_text(GROUP_SIGTERM)
+    script = tmp_path / "job.py"  # a file: spawned workers import its stream class from it
+    script.write_text(script_text)
     run = subprocess.run(
         [sys.executable, str(script), str(tmp_path), context],
         capture_output=True,
         text=True,
         timeout=120,
-        start_new_session=True,  # a process group of its own, as a job has
+        start_new_session=True,
     )
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    lines = run.stdout.splitlines()
-    assert lines[0] == "batches 10 signalled 2 got True", run.stdout + run.stderr[-3000:]  # by each worker
+    assert run.returncode == 0 and run.stdout, run.stdout + run.stderr[-3000:]
+    return run.stdout.splitlines()
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_data_workers_outlive_a_sigterm_to_the_job_and_end_with_their_owner(tmp_path, context):
+    # the signal reaches every process of the job while a batch is fetched: torch's workers died of
+    # it and that fetch failed, before the training ranks could agree to stop and save the step
+    lines = _job(tmp_path, GROUP_SIGTERM, context)
+    assert lines[0] == "batches 10 signalled 2 got True", lines  # by each worker
     workers = [int(pid) for pid in lines[1].split()[1:]]
     assert len(workers) == 2
     time.sleep(1)
@@ -242,18 +248,7 @@ def test_data_workers_outlive_a_sigterm_that_comes_while_they_start(tmp_path, co
     # a spawned worker starts with nothing blocked, and forkserver's workers are forked by a server
     # process whose death of the signal ends them as well (torch's watchdog follows the parent): both
     # died, and the first fetch failed. Started with SIGTERM ignored, they take their handler first.
-    write_shards(tmp_path, 10, maxcount=2)
-    script = tmp_path / "start_sigterm.py"
-    script.write_text(SIGTERM_AT_START)
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), context],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,  # a process group of its own, as a job has
-    )
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert run.stdout.splitlines()[0] == "batches 10 got True", run.stdout + run.stderr[-3000:]
+    assert _job(tmp_path, SIGTERM_AT_START, context)[0] == "batches 10 got True"
 
 
 def _running(pid: int) -> bool:
