@@ -124,7 +124,7 @@ def test_train_py_syncs_only_on_steps_that_log_or_checkpoint(tmp_path, monkeypat
     # the CPU test finds reads back; this also sees what only a GPU has (copies to and from the
     # device, the allocator): the loop, with bf16 autocast, fused AdamW, clipping, warm-up and an EMA
     gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed"]
-    caught, _ = fit_watched(tmp_path, monkeypatch, cuda_sync_warnings, gpu)
+    caught = fit_watched(tmp_path, monkeypatch, cuda_sync_warnings, gpu)
     syncs = {step: sync_sites(found) for step, found in caught.items()}
     assert {k: syncs[k] for k in QUIET_STEPS} == {k: [] for k in QUIET_STEPS}  # on failure: the sites
     assert syncs[LOG_EVERY]  # the watch sees this loop: a logging step reads its metrics back
