@@ -12,7 +12,7 @@ from popalign.demo import run_demo
 from popalign.demo_settings import DemoSettings
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_reduced_demo_debiases(world_base, tmp_path):
     out = tmp_path / "demo"
     shutil.copytree(world_base, out / "base")  # the cache key matches: no second base build

@@ -247,7 +247,7 @@ def test_cli_world_command(tiny_base, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "popalign world: error: --seed must be >= 0, got -1"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_default_base_is_biased_and_faithful(world_base):
     """The full default build (minutes, shared with the demo test): neutral prompts biased,
     augmented prompts obeyed."""
