@@ -157,12 +157,19 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
 
 def prepare_checkpointing(trainer: Any) -> None:
     """Give a built trainer popalign's checkpointing: :func:`fixed_checkpoint_dirs`, Lightning's plain
-    ``ModelCheckpoint`` made a :class:`FinalStepCheckpoint` (subclasses are left alone), and Lightning's
+    ``ModelCheckpoint`` made a :class:`FinalStepCheckpoint` and its plain ``FSDPStrategy`` a
+    :class:`popalign.distributed.StagedFSDPStrategy` (subclasses are left alone), and Lightning's
     default writer replaced by :class:`WholeFileCheckpointIO` (a writer the config chose is kept)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from popalign.distributed import StagedFSDPStrategy
+
     fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
     for callback in trainer.checkpoint_callbacks:
         if type(callback) is ModelCheckpoint:  # the subclass adds behaviour, no state
             callback.__class__ = FinalStepCheckpoint
+    if type(trainer.strategy) is FSDPStrategy:  # likewise
+        trainer.strategy.__class__ = StagedFSDPStrategy
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = WholeFileCheckpointIO()
 

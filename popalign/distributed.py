@@ -45,32 +45,14 @@ UNET_CLASSES = ("UNet2DConditionModel",)
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
-class BlockFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP with one FSDP unit per repeated UNet block and per UNet.
+class StagedFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP, with a sharded checkpoint folder put in place only once every rank wrote it.
 
-    Args:
-        wrap_blocks: class names of the modules that become FSDP units (default: SDXL's
-            ``BasicTransformerBlock`` and ``ResnetBlock2D``), in addition to the UNets themselves.
-        **kwargs: passed to :class:`lightning.pytorch.strategies.FSDPStrategy`; an explicit
-            ``auto_wrap_policy`` replaces the block policy.
+    Lightning's own writes the shards into the target folder itself: a save stopped halfway left a
+    folder of old and new shards that ``--ckpt_path last`` would load without a word.
+    :func:`popalign.checkpointing.prepare_checkpointing` gives ``strategy: fsdp`` this class;
+    :class:`BlockFSDPStrategy` is one.
     """
-
-    def __init__(self, wrap_blocks: Sequence[str] = REPEATED_BLOCKS, **kwargs: Any) -> None:
-        self.wrap_blocks = tuple(wrap_blocks) + UNET_CLASSES
-        if kwargs.get("auto_wrap_policy") is None:
-            kwargs["auto_wrap_policy"] = block_wrap_policy(self.wrap_blocks)
-        super().__init__(**kwargs)
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-        if self.root_device.type == "cpu" and not wrapped:
-            raise UserError(
-                f"{STRATEGY_NAME} (FSDP) shards across GPUs and PyTorch's FSDP refuses CPU devices; "
-                "use --trainer.accelerator gpu, or --trainer.strategy ddp on CPUs"
-            )
-        return super()._setup_model(model)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """``state_dict_type: full``: Lightning's (rank 0 writes one file through the trainer's writer,
@@ -97,6 +79,34 @@ class BlockFSDPStrategy(FSDPStrategy):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         self.barrier("popalign: sharded checkpoint in place")
+
+
+class BlockFSDPStrategy(StagedFSDPStrategy):
+    """Lightning's FSDP with one FSDP unit per repeated UNet block and per UNet.
+
+    Args:
+        wrap_blocks: class names of the modules that become FSDP units (default: SDXL's
+            ``BasicTransformerBlock`` and ``ResnetBlock2D``), in addition to the UNets themselves.
+        **kwargs: passed to :class:`lightning.pytorch.strategies.FSDPStrategy`; an explicit
+            ``auto_wrap_policy`` replaces the block policy.
+    """
+
+    def __init__(self, wrap_blocks: Sequence[str] = REPEATED_BLOCKS, **kwargs: Any) -> None:
+        self.wrap_blocks = tuple(wrap_blocks) + UNET_CLASSES
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = block_wrap_policy(self.wrap_blocks)
+        super().__init__(**kwargs)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        if self.root_device.type == "cpu" and not wrapped:
+            raise UserError(
+                f"{STRATEGY_NAME} (FSDP) shards across GPUs and PyTorch's FSDP refuses CPU devices; "
+                "use --trainer.accelerator gpu, or --trainer.strategy ddp on CPUs"
+            )
+        return super()._setup_model(model)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a checkpoint folder (``state_dict_type: sharded``) or file (``full``).

@@ -79,34 +79,58 @@ def test_prepare_checkpointing_keeps_a_writer_and_a_checkpoint_class_the_config_
     assert type(trainer.strategy.checkpoint_io) is MyIO
 
 
-def _sharded_save(path, step: int) -> None:
-    from popalign.distributed import BlockFSDPStrategy
+def _sharded_strategy(kind: str):
+    from types import SimpleNamespace
 
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from popalign.distributed import BlockFSDPStrategy, StagedFSDPStrategy
+
+    if kind == "fsdp_blocks":
+        return BlockFSDPStrategy(state_dict_type="sharded")
+    # `strategy: fsdp` as train.py sets it up (Lightning builds no FSDP trainer on a CPU)
+    trainer = SimpleNamespace(
+        checkpoint_callbacks=[], logger=None, strategy=FSDPStrategy(state_dict_type="sharded")
+    )
+    prepare_checkpointing(trainer)
+    assert type(trainer.strategy) is StagedFSDPStrategy
+    return trainer.strategy
+
+
+def _sharded_save(strategy, path, step: int) -> None:
     checkpoint = {
         "state_dict": {"w": torch.full((2,), float(step))},
         "optimizer_states": [],
         "global_step": step,
     }
-    BlockFSDPStrategy(state_dict_type="sharded").save_checkpoint(checkpoint, path)
+    strategy.save_checkpoint(checkpoint, path)
 
 
-def _saved_step(path) -> int:
-    return torch.load(path / "meta.pt", weights_only=True)["global_step"]
+def _saved(path) -> tuple[int, float]:
+    """The step in the folder's metadata, and the step its shards hold."""
+    import torch.distributed.checkpoint as dcp
+
+    shards = {"model": {"w": torch.zeros(2)}}
+    dcp.load(shards, checkpoint_id=path)
+    return torch.load(path / "meta.pt", weights_only=True)["global_step"], shards["model"]["w"][0].item()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: what a rank does
-def test_a_sharded_checkpoint_folder_is_put_in_place_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["fsdp_blocks", "fsdp"])
+def test_a_sharded_checkpoint_folder_is_put_in_place_whole(tmp_path, monkeypatch, kind):
     # each rank writes its shard into the folder, and a save stopped halfway left a partial folder that
-    # --ckpt_path last then picked; now it is staged beside the target and renamed when complete
+    # --ckpt_path last then picked (under plain fsdp: the new shards beside the old metadata, loaded
+    # without a word); now it is staged beside the target and renamed when complete
     from lightning.pytorch.strategies import fsdp
 
+    strategy = _sharded_strategy(kind)
     path = tmp_path / "last.ckpt"
     killed = tmp_path / ".last.ckpt.tmp-999999"  # a killed run's staging folder
     killed.mkdir()
-    _sharded_save(path, 2)
-    assert _saved_step(path) == 2 and os.listdir(tmp_path) == ["last.ckpt"]
-    _sharded_save(path, 4)
-    assert _saved_step(path) == 4 and os.listdir(tmp_path) == ["last.ckpt"]
+    _sharded_save(strategy, path, 2)
+    assert _saved(path) == (2, 2.0) and os.listdir(tmp_path) == ["last.ckpt"]
+    _sharded_save(strategy, path, 4)
+    assert _saved(path) == (4, 4.0) and os.listdir(tmp_path) == ["last.ckpt"]
 
     save = fsdp._distributed_checkpoint_save
 
@@ -116,5 +140,5 @@ def test_a_sharded_checkpoint_folder_is_put_in_place_whole(tmp_path, monkeypatch
 
     monkeypatch.setattr(fsdp, "_distributed_checkpoint_save", stopped)
     with pytest.raises(KeyboardInterrupt):
-        _sharded_save(path, 6)
-    assert _saved_step(path) == 4 and os.listdir(tmp_path) == ["last.ckpt"]
+        _sharded_save(strategy, path, 6)
+    assert _saved(path) == (4, 4.0) and os.listdir(tmp_path) == ["last.ckpt"]
