@@ -50,6 +50,8 @@ class StagedFSDPStrategy(FSDPStrategy):
 
     Lightning's own writes the shards into the target folder itself: a save stopped halfway left a
     folder of old and new shards that ``--ckpt_path last`` would load without a word.
+    It also refuses, in one line, to resume a checkpoint of an optimizer that keeps no state (SGD
+    without momentum): Lightning's and torch's FSDP loaders fail on it deep inside.
     :func:`popalign.checkpointing.prepare_checkpointing` gives ``strategy: fsdp`` this class;
     :class:`BlockFSDPStrategy` is one.
     """
@@ -79,6 +81,20 @@ class StagedFSDPStrategy(FSDPStrategy):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         self.barrier("popalign: sharded checkpoint in place")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, after :func:`stateless_optimizers` found none when fitting (where the optimizer
+        state is loaded)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING and stateless_optimizers(path):
+            raise UserError(
+                f"{path}: its optimizer state is empty (an optimizer that keeps none, like SGD without "
+                "momentum), and FSDP cannot resume such a checkpoint (Lightning's and torch's loaders fail "
+                "on it); train with an optimizer that keeps state (the configs' AdamW, or SGD with momentum)"
+            )
+        return super().load_checkpoint(path, weights_only)
 
 
 class BlockFSDPStrategy(StagedFSDPStrategy):
@@ -130,6 +146,19 @@ class BlockFSDPStrategy(StagedFSDPStrategy):
             return super().load_checkpoint(path, weights_only)
         finally:
             module.strict_loading = strict
+
+
+def stateless_optimizers(path: Path) -> list[int]:
+    """The optimizers (by index) whose state is empty in a checkpoint file or sharded folder."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        names = {k.split(".", 1)[0] for k in keys if k.startswith("optimizer_")}
+        stateless = {n for n in names if not any(k.startswith(f"{n}.state.") for k in keys)}
+        return sorted(int(n.removeprefix("optimizer_")) for n in stateless)
+    states = torch.load(path, mmap=True, map_location="cpu", weights_only=True).get("optimizer_states") or []
+    return [i for i, state in enumerate(states) if not state.get("state")]
 
 
 def checkpoint_keys(module: nn.Module) -> set[str]:

@@ -160,6 +160,20 @@ def test_block_fsdp_full_checkpoint_resumes(tiny_run, lora):
     assert all(torch.equal(v, initial[k.replace(".base_layer", "")].float()) for k, v in frozen.items())
 
 
+@pytest.mark.slow
+def test_block_fsdp_refuses_to_resume_an_optimizer_that_keeps_no_state(tiny_run):
+    # plain SGD keeps no state: Lightning's FSDP loader stopped each rank with an IndexError traceback
+    # (a sharded folder: torch's ValueError); now one line naming the file and what to do
+    strategy = {**FSDP, "init_args": {"state_dict_type": "full"}}
+    ckpts = tiny_run / "sgd_ckpts"
+    finished_run(fit_tiny(tiny_run, "sgd", strategy, "float32", 2, checkpoints=ckpts), tiny_run, "sgd")
+    (saved,) = ckpts.iterdir()
+    proc = fit_tiny(tiny_run, "sgd_resumed", strategy, "float32", 4, checkpoints=ckpts, ckpt_path=saved)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"train.py: error: {saved}: its optimizer state is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_checkpoint_keys_are_the_state_dict_keys(tiny_model, tmp_path):
     from popalign.distributed import check_checkpoint_keys, checkpoint_keys
     from popalign.errors import UserError
