@@ -10,11 +10,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
-from popalign.distributed import FSDP_PREFIX, BlockFSDPStrategy
+from popalign.distributed import FSDP_PREFIX, BlockFSDPStrategy, StagedFSDPStrategy
 
 
 class _WrapOnCPU:
@@ -58,8 +57,9 @@ class CPUBlockFSDPStrategy(_WrapOnCPU, BlockFSDPStrategy):
     """:class:`BlockFSDPStrategy` on CPU processes."""
 
 
-class CPUFSDPStrategy(_WrapOnCPU, FSDPStrategy):
-    """Lightning's plain FSDP (one unit for the whole module) on CPU processes."""
+class CPUFSDPStrategy(_WrapOnCPU, StagedFSDPStrategy):
+    """Lightning's plain FSDP (one unit for the whole module) on CPU processes, as ``train.py`` runs
+    ``strategy: fsdp`` (:func:`popalign.checkpointing.prepare_checkpointing`)."""
 
 
 class DumpPolicy(L.Callback):
