@@ -5,6 +5,7 @@ the steps that neither log nor checkpoint."""
 from __future__ import annotations
 
 import inspect
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,3 +137,20 @@ def test_training_reads_back_only_on_steps_that_log_or_checkpoint(tmp_path, monk
     bar_reads = {k for k, found in reads.items() for _, site in found if "progress_bars.py:" in site}
     assert bar_reads == {LOG_EVERY, STEPS}
     assert ("train/loss: " if bar == "rich" else "train/loss=") in shown, shown
+
+
+SDXL_OBJECTIVES = {  # each SDXL config's objective, the one a config shares with another run once
+    yaml.safe_dump(yaml.safe_load(p.read_text())["model"]["init_args"]["objective"]): p.name
+    for p in sorted(CONFIG.parent.glob("sdxl_*.yaml"))
+}
+
+
+@pytest.mark.parametrize("objective", list(SDXL_OBJECTIVES), ids=list(SDXL_OBJECTIVES.values()))
+def test_the_sdxl_configs_objectives_read_nothing_back_on_quiet_steps(tmp_path, monkeypatch, objective):
+    # the DPO baseline's DiffusionDPOLoss checked its groups on the host in every step (check_groups);
+    # popalign's DataModule pairs rows i and i + P within one group, which leaves it nothing to find
+    as_json = yaml.safe_load(objective)
+    reads = fit_watched(
+        tmp_path, monkeypatch, _host_reads, [f"--model.init_args.objective={json.dumps(as_json)}"]
+    )
+    assert {k: reads[k] for k in QUIET_STEPS} == {k: [] for k in QUIET_STEPS}
