@@ -27,7 +27,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import FSDPStrategy
 
+from popalign.distributed import StagedFSDPStrategy
 from popalign.errors import UserError
 from popalign.preemption import sigterm_noted, stop_agreed
 
@@ -160,10 +162,6 @@ def prepare_checkpointing(trainer: Any) -> None:
     ``ModelCheckpoint`` made a :class:`FinalStepCheckpoint` and its plain ``FSDPStrategy`` a
     :class:`popalign.distributed.StagedFSDPStrategy` (subclasses are left alone), and Lightning's
     default writer replaced by :class:`WholeFileCheckpointIO` (a writer the config chose is kept)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from popalign.distributed import StagedFSDPStrategy
-
     fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
     for callback in trainer.checkpoint_callbacks:
         if type(callback) is ModelCheckpoint:  # the subclass adds behaviour, no state

@@ -149,14 +149,17 @@ class BlockFSDPStrategy(StagedFSDPStrategy):
 
 
 def stateless_optimizers(path: Path) -> list[int]:
-    """The optimizers (by index) whose state is empty in a checkpoint file or sharded folder."""
-    if path.is_dir():
+    """The optimizers (by index) whose state is empty in a checkpoint file or sharded folder (none
+    found where there is neither: Lightning says what is wrong with the path)."""
+    if (path / ".metadata").is_file():  # torch.distributed.checkpoint's index of a sharded folder
         from torch.distributed.checkpoint import FileSystemReader
 
         keys = FileSystemReader(path).read_metadata().state_dict_metadata
         names = {k.split(".", 1)[0] for k in keys if k.startswith("optimizer_")}
         stateless = {n for n in names if not any(k.startswith(f"{n}.state.") for k in keys)}
         return sorted(int(n.removeprefix("optimizer_")) for n in stateless)
+    if not path.is_file():
+        return []
     states = torch.load(path, mmap=True, map_location="cpu", weights_only=True).get("optimizer_states") or []
     return [i for i, state in enumerate(states) if not state.get("state")]
 

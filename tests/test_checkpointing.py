@@ -159,3 +159,6 @@ def test_optimizers_without_state_are_found_in_checkpoint_files_and_folders(tmp_
         torch.save({"optimizer_states": states}, file)
         _sharded_save(strategy, folder, 2, states)
         assert stateless_optimizers(file) == stateless_optimizers(folder) == stateless
+    assert (
+        stateless_optimizers(tmp_path / "missing") == stateless_optimizers(tmp_path) == []
+    )  # Lightning's to report
