@@ -139,7 +139,7 @@ def test_training_reads_back_only_on_steps_that_log_or_checkpoint(tmp_path, monk
     assert ("train/loss: " if bar == "rich" else "train/loss=") in shown, shown
 
 
-SDXL_OBJECTIVES = {  # each SDXL config's objective, the one a config shares with another run once
+SDXL_OBJECTIVES = {  # each SDXL config's objective (an objective two configs share is run once)
     yaml.safe_dump(yaml.safe_load(p.read_text())["model"]["init_args"]["objective"]): p.name
     for p in sorted(CONFIG.parent.glob("sdxl_*.yaml"))
 }
