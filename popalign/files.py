@@ -34,6 +34,44 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
+class StagedTar:
+    """A webdataset tar archive written as ``<path>.tmp`` and renamed to ``path`` only when complete.
+
+    :meth:`commit` ends the archive, flushes it to disk and renames it; :meth:`discard` closes and
+    removes the unfinished file. Members get a fixed time (0, an int: no pax header per member), so the
+    same samples make the same bytes on every run.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from webdataset import TarWriter
+
+        self.path = Path(path)
+        self.temp = Path(f"{self.path}.tmp")
+        self._file = open(self.temp, "wb")
+        self._tar = TarWriter(self._file, encoder=False, mtime=0)  # closing it leaves the file open
+
+    def write(self, sample: dict) -> None:
+        """Append one sample (``{"__key__": ..., "<ext>": bytes, ...}``)."""
+        self._tar.write(sample)
+
+    def commit(self) -> Path:
+        """End the archive, fsync it and rename it to :attr:`path`; returns that path."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Close and delete the unfinished archive."""
+        try:
+            self._tar.close()  # else the tar stream flushes into a closed file when collected
+        finally:
+            self._file.close()
+            self.temp.unlink(missing_ok=True)
+
+
 def jsonable(value: Any) -> Any:
     """Strict-JSON form of ``value``, recursively: NaN and infinities -> ``None``, numpy and torch
     scalars -> Python numbers, tuples -> lists, mapping keys -> strings."""

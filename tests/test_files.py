@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -32,6 +33,29 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     with pytest.raises(OSError):
         files.write_text(folder, "text")  # the rename over a folder fails: the temporary file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_staged_tar_appears_only_when_committed(tmp_path):
+    sample = {"__key__": "p0000-0001", "txt": b"hello", "json": b"{}"}
+    shard = files.StagedTar(tmp_path / "a.tar")
+    shard.write(sample)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar.tmp"]  # nothing that looks whole yet
+    assert shard.commit() == tmp_path / "a.tar"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tar"]
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+        assert sorted(m.name for m in members) == ["p0000-0001.json", "p0000-0001.txt"]
+        assert tar.extractfile("p0000-0001.txt").read() == b"hello"
+        assert all(m.mtime == 0 and not m.pax_headers for m in members)
+    again = files.StagedTar(tmp_path / "b.tar")
+    again.write(sample)
+    again.commit()
+    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()  # same samples, same bytes
+
+    dropped = files.StagedTar(tmp_path / "c.tar")
+    dropped.write(sample)
+    dropped.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]
 
 
 def test_jsonable_makes_strict_json():

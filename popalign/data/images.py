@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from popalign.errors import UserError
+from popalign.files import StagedTar
 
 SHARD_RE = re.compile(r"images-r(\d+)-(\d{6})\.tar")
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")  # webdataset splits names at the first dot
@@ -70,8 +71,7 @@ class ImageShardWriter:
         ]
         self.index = max(used, default=-1) + 1
         self.paths: list[str] = []
-        self._file: Any = None
-        self._tar: Any = None
+        self._shard: StagedTar | None = None
         self._prompts: list[str] = []
         self._images: dict[str, list[int]] = {}
         self._texts: dict[str, str] = {}
@@ -88,13 +88,10 @@ class ImageShardWriter:
 
     def write_prompt(self, prompt_id: str, samples: Sequence[dict]) -> None:
         """Append all samples of one prompt; close the shard when it is full."""
-        if self._tar is None:
-            from webdataset import TarWriter
-
-            self._file = open(f"{self._name()}.tmp", "wb")
-            self._tar = TarWriter(self._file, encoder=False, mtime=0.0)
+        if self._shard is None:
+            self._shard = StagedTar(self._name())
         for item in samples:
-            self._tar.write(item)
+            self._shard.write(item)
             index = split_key(item["__key__"])[1]
             if index is not None:
                 self._images.setdefault(prompt_id, []).append(index)
@@ -108,27 +105,19 @@ class ImageShardWriter:
 
     def close(self) -> list[str]:
         """Finish the open shard; the paths of the shards this writer completed."""
-        if self._tar is not None:
+        if self._shard is not None:
             self._finish()
         return list(self.paths)
 
     def abort(self) -> None:
         """Drop the unfinished shard: its prompts stay pending."""
-        if self._tar is not None:
-            try:
-                self._tar.close()  # else the tar stream flushes into a closed file when collected
-            finally:
-                self._file.close()
-            Path(f"{self._name()}.tmp").unlink(missing_ok=True)
-            self._file = self._tar = None
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            shard.discard()
 
     def _finish(self) -> None:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self._name()
-        os.replace(f"{final}.tmp", final)
+        final = self._shard.commit()
+        self._shard = None
         with open(self.directory / f"done-r{self.rank}.jsonl", "a") as f:
             # its size, so that a resume can tell a shard cut short since (full disk, bad copy)
             record = {"shard": final.name, "bytes": final.stat().st_size, "prompt_ids": self._prompts}
@@ -137,7 +126,6 @@ class ImageShardWriter:
             f.flush()
             os.fsync(f.fileno())
         self.paths.append(str(final))
-        self._file = self._tar = None
         self._prompts, self._images, self._texts, self._count = [], {}, {}, 0
         self.index += 1
 

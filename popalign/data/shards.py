@@ -18,6 +18,7 @@ from typing import Any
 
 from popalign.data.schema import PopulationGroup, ShardError
 from popalign.errors import UserError
+from popalign.files import StagedTar
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class PopulationShardWriter:
             path.unlink()
         self.paths: list[str] = []
         self._keys: set[str] = set()
-        self._file: Any = None
-        self._tar: Any = None
+        self._shard: StagedTar | None = None
         self._count = self._size = 0
 
     def __enter__(self) -> PopulationShardWriter:
@@ -87,50 +87,32 @@ class PopulationShardWriter:
         sample = group.to_sample()
         # tar layout: a 512-byte header per file, data padded to 512
         size = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
-        if self._tar is not None and (
+        if self._shard is not None and (
             self._count >= self.maxcount or _closed_size(self._size + size) > self.maxsize
         ):
             self._finish_shard()
-        if self._tar is None:
-            from webdataset import TarWriter
-
-            self._file = open(self._temp_path(len(self.paths)), "wb")
-            self._tar = TarWriter(
-                self._file, encoder=False, mtime=0
-            )  # fixed: same bytes each run; int: no pax header
-        self._tar.write(sample)
+        if self._shard is None:
+            self._shard = StagedTar(self.directory / f"{self.prefix}-{len(self.paths):06d}.tar")
+        self._shard.write(sample)
         self._keys.add(group.key)
         self._count += 1
         self._size += size
 
     def close(self) -> list[str]:
         """Finish the open shard and return the paths of all shards written."""
-        if self._tar is not None:
+        if self._shard is not None:
             self._finish_shard()
         return list(self.paths)
 
     def abort(self) -> None:
         """Drop the unfinished shard (complete shards stay)."""
-        if self._tar is not None:
-            try:
-                self._tar.close()  # else the tar stream flushes into a closed file when collected
-            finally:
-                self._file.close()
-            Path(self._temp_path(len(self.paths))).unlink(missing_ok=True)
-            self._file = self._tar = None
-
-    def _temp_path(self, index: int) -> str:
-        return str(self.directory / f"{self.prefix}-{index:06d}.tar.tmp")
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            shard.discard()
 
     def _finish_shard(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks; the file object stays ours
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self._temp_path(len(self.paths))[: -len(".tmp")]
-        os.replace(self._temp_path(len(self.paths)), final)
-        self.paths.append(final)
-        self._file = self._tar = None
+        self.paths.append(str(self._shard.commit()))
+        self._shard = None
         self._count = self._size = 0
 
 
