@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
 import pkgutil
 import signal
 import sys
@@ -107,8 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_torchvision_advice(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed)" not in str(record.msg)
+
+
+def quiet_torchvision_advice() -> None:
+    """Drop transformers' advice to install torchvision (transformers >= 5 logs it once per
+    image-processor class diffusers' pipelines name, falling back to the PIL backend). popalign needs
+    no torchvision, so on every sampling stage it would be noise; transformers' other logs stay."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_advice)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``popalign ARGV``; returns the exit status (SIGTERM stops the stage as Ctrl-C does)."""
+    quiet_torchvision_advice()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

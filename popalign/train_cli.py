@@ -29,6 +29,7 @@ from popalign.checkpointing import (
     prepare_checkpointing,
     refuse_earlier_checkpoints,
 )
+from popalign.cli import quiet_torchvision_advice
 from popalign.data.datamodule import PopulationDataModule
 from popalign.data.shards import expand_shards
 from popalign.distributed import BlockFSDPStrategy, register_strategy
@@ -58,6 +59,7 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+quiet_torchvision_advice()  # validation samples with a diffusers pipeline
 
 
 class PopAlignParser(LightningArgumentParser):

@@ -3,6 +3,7 @@ checks, training hint and all-or-nothing replacement of its output."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,21 @@ def test_tiny_failures_leave_the_previous_model_and_shards(built, tmp_path, caps
     unet = "model/unet/diffusion_pytorch_model.safetensors"
     assert after[unet] != before[unet]  # seed 1, not the copied seed-0 model
     assert {k for k in after if k.startswith("shards/")} == {k for k in before if k.startswith("shards/")}
+
+
+def test_transformers_torchvision_advice_is_dropped_and_its_other_warnings_kept(tmp_path, caplog):
+    # transformers >= 5 logs this once per image-processor class diffusers' pipelines name, on every
+    # generate and evaluate of a machine without torchvision, which popalign does not use
+    (tmp_path / "jobs.txt").write_text("doctor\n")
+    out = tmp_path / "p.jsonl"
+    assert (
+        main(["prompts", "--prompts", str(tmp_path / "jobs.txt"), "--axes", "gender", "--out", str(out)]) == 0
+    )
+    logger = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+            "`CLIPImageProcessorPil` for backward compatibility."
+        )
+        logger.warning("some other note")
+    assert [r.getMessage() for r in caplog.records] == ["some other note"]
