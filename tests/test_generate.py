@@ -18,7 +18,7 @@ from popalign.data.generate import (
     image_seed,
     record_settings,
 )
-from popalign.data.images import completed_prompts, iter_image_samples, prompt_records
+from popalign.data.images import completed_prompts, iter_image_samples, prompt_records, recorded_image_count
 from popalign.data.pipeline import sample
 from popalign.data.prompts import read_prompt_table
 from popalign.errors import UserError
@@ -76,6 +76,7 @@ def test_generate_writes_prompt_whole_shards_with_latents_and_metadata(generated
     decoded = decode_latents(pipe.vae, torch.from_numpy(latent[None]).float())[0]
     assert np.abs(decoded.astype(int) - s.image().astype(int)).mean() < 2  # the image is that latent decoded
     assert completed_prompts(generated) == set(rows)
+    assert recorded_image_count(generated) == len(samples) == 6 * N_IMAGES  # `label`'s progress total
 
 
 def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path, pipe, monkeypatch, capsys):
@@ -108,8 +109,10 @@ def test_generate_resumes_and_skips_finished_prompts(tiny_model, table, tmp_path
     assert not list(out.glob("*.tmp"))
     assert completed_prompts(out) == {"p0000", "p0001", "p0000-a0000", "p0000-a0001"}
     # a crash between a shard's rename and its done record: the shard itself still counts
+    assert recorded_image_count(out) == 4 * N_IMAGES
     (out / "done-r0.jsonl").write_text((out / "done-r0.jsonl").read_text().splitlines()[0] + "\n")
     assert completed_prompts(out) == {"p0000", "p0001", "p0000-a0000", "p0000-a0001"}
+    assert recorded_image_count(out) is None  # uncounted by the records alone
     (out / "images-r0-000099.tar.tmp").write_bytes(b"half a shard")
     (out / "images-r3-000000.tar.tmp").write_bytes(b"half a shard of an earlier run on 4 devices")
     report = generate(rows, settings, out, shard_size=8, pipe=pipe, progress=False)

@@ -248,6 +248,22 @@ def prompt_records(directory: str | Path) -> dict[str, DonePrompt]:
     return done
 
 
+def recorded_image_count(directory: str | Path) -> int | None:
+    """How many images the complete shards of ``directory`` hold, by their done records alone (no shard
+    is read); None when a shard has no record that counts its images (a crash cut it off)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    records, total = _done_records(d), 0
+    for shard in d.iterdir():
+        if SHARD_RE.fullmatch(shard.name):
+            images = records.get(shard.name, {}).get("images")
+            if not isinstance(images, dict):
+                return None
+            total += sum(len(indices) for indices in images.values())
+    return total
+
+
 def completed_prompts(directory: str | Path) -> set[str]:
     """Prompt ids whose images are in a complete shard (from the done records, and from any shard
     renamed into place whose record a crash prevented)."""

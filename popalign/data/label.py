@@ -20,7 +20,7 @@ import numpy as np
 
 from popalign.data.axes import UNKNOWN, BiasAxis
 from popalign.data.classifiers import AttributeClassifier
-from popalign.data.images import ImageSample, iter_image_samples
+from popalign.data.images import ImageSample, iter_image_samples, recorded_image_count
 from popalign.errors import UserError
 
 LABEL_KEYS = ("key", "prompt_id", "labels")
@@ -185,12 +185,14 @@ def label_images(
             report["labelled"] += len(batch)
             batch.clear()
 
-        with tqdm(unit="img", disable=not progress) as bar:
+        # every image of the folder ticks the bar, those labelled before too: its total is the folder's
+        with tqdm(total=recorded_image_count(images), unit="img", disable=not progress) as bar:
             for s in iter_image_samples(images):
                 if s.key in seen:
                     raise UserError(f"{s.where}: key appears in more than one shard")
                 seen.add(s.key)
                 report["images"] += 1
+                bar.update(1)
                 if s.key in done:
                     if _still_valid(done[s.key], s):
                         report["already_labelled"] += 1
@@ -202,7 +204,6 @@ def label_images(
                 batch.append((s, image))
                 if len(batch) >= batch_size:
                     flush()
-                bar.update(1)
             if batch:
                 flush()
     stale = set(done) - seen
