@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from popalign import files
-from popalign.errors import UserError, first_line
+from popalign.errors import UserError, first_line, load_reason
 from popalign.model_card import CardFacts, find_run_config, read_mapping, render_model_card
 from popalign.models.loading import (
     DEFAULT_LORA_TARGETS,
@@ -226,7 +226,7 @@ def _write_full(unet: nn.Module, out: Path, base: str, dtype: torch.dtype, pipel
     try:  # every other component comes from the base, as stored there
         pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(base), unet=unet, **dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
-        raise UserError(f"{base}: cannot load the base pipeline for --pipeline ({first_line(err)})") from err
+        raise UserError(f"{base}: cannot load the base pipeline for --pipeline ({load_reason(err)})") from err
     pipe.save_pretrained(out, safe_serialization=True)
 
 

@@ -105,7 +105,10 @@ def test_label_refuses_a_table_of_other_axes_or_another_classifier(
     )
     fails([*base, "--axes", "gender", *oracle, "--batch-size", 0], "--batch-size must be >= 1")
     # clip without --classifier-model is evaluate's default CLIP, not cached in this offline test run
-    fails([*base, "--axes", "gender"], "openai/clip-vit-large-patch14: cannot load a CLIP model (")
+    fails(
+        [*base, "--axes", "gender"],
+        "openai/clip-vit-large-patch14: cannot load a CLIP model (not in the local cache, and the hub could not",
+    )
     assert out.read_bytes() == labels.read_bytes() and not list(tmp_path.glob("*.partial"))
     # an --out that is a folder fails at once, not after labelling every image
     (tmp_path / "od").mkdir()

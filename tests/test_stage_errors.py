@@ -292,3 +292,32 @@ def test_ctrl_c_prints_one_line_and_exits_130(table, tiny_model, tmp_path, capsy
     assert (
         code == 130 and err.strip() == "popalign generate: interrupted; run the same command again to resume"
     )
+
+
+def test_a_hub_that_cannot_be_reached_is_named_as_such():
+    # diffusers reports an unreachable, uncached hub id as a file the repository "does not appear to
+    # have"; the cause chain says what happened
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from popalign.errors import load_reason
+
+    try:
+        try:
+            try:
+                raise ConnectionError("[Errno -2] Name or service not known.")
+            except ConnectionError as network:
+                raise LocalEntryNotFoundError(
+                    "cannot find the requested files in the local cache"
+                ) from network
+        except LocalEntryNotFoundError:
+            raise OSError("org/model does not appear to have a file named config.json.") from None
+    except OSError as err:
+        assert err.__context__ is not None  # `from None` hides it from tracebacks, not from the chain
+        reason = load_reason(err)
+    assert reason == (
+        "not in the local cache, and the hub could not be reached: [Errno -2] Name or service not known; "
+        "pass a local folder, or run once where the hub is reachable to cache it"
+    )
+    assert load_reason(OSError("org/model is not a valid model identifier\nsecond line")) == (
+        "org/model is not a valid model identifier"
+    )

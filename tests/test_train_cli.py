@@ -181,7 +181,7 @@ def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         # a hub id that cannot be fetched (the tests run offline): one line, not jsonargparse's dump
         (
             ["--model.init_args.pretrained_model=nobody/no-such-sdxl"],
-            "nobody/no-such-sdxl: cannot load the UNet (",
+            "nobody/no-such-sdxl: cannot load the UNet (not in the local cache, and the hub could not be reached:",
         ),
         (["--ckpt_path=nowhere.ckpt"], "nowhere.ckpt: checkpoint not found"),
         (["--ckpt_path=garbage.ckpt"], "garbage.ckpt: not a PyTorch checkpoint"),

@@ -48,7 +48,7 @@ from popalign.data.images import image_shards, iter_image_samples
 from popalign.data.label import read_labels
 from popalign.data.pipeline import component_kwargs
 from popalign.data.prompts import PromptRow, read_prompt_table
-from popalign.errors import UserError, first_line
+from popalign.errors import UserError, first_line, load_reason
 
 #: how ``build`` draws populations from unchanged inputs; part of the up-to-date check, so shards drawn by
 #: an earlier rule are rebuilt (2: a prompt's groups balanced together, :func:`group_quotas`)
@@ -133,7 +133,7 @@ def _vae_geometry(source: str) -> tuple[int, int]:
     try:
         cfg = AutoencoderKL.load_config(source, **component_kwargs(source, "vae"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{source}: cannot read the VAE config ({first_line(err)})") from None
+        raise UserError(f"{source}: cannot read the VAE config ({load_reason(err)})") from None
     return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from popalign.data.axes import BiasAxis
-from popalign.errors import UserError
+from popalign.errors import UserError, load_reason
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # label's and evaluate's CLIP when none is named
 
@@ -106,9 +106,7 @@ class CLIPZeroShotClassifier(AttributeClassifier):
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.processor = AutoImageProcessor.from_pretrained(model)
         except (OSError, ValueError) as err:
-            raise UserError(
-                f"{model}: cannot load a CLIP model ({str(err).strip().splitlines()[0]})"
-            ) from None
+            raise UserError(f"{model}: cannot load a CLIP model ({load_reason(err)})") from None
         none = self._text_embedding(list(no_person_prompts))
         # per axis: [C + 1, P] = class embeddings then the "no person" embedding
         self.text = {

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from popalign.errors import UserError, first_line
+from popalign.errors import UserError, load_reason
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class TextEncoders:
             enc = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw)
             enc2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **kw)
         except (OSError, ValueError, json.JSONDecodeError) as err:
-            raise UserError(f"{model}: cannot load the text encoders ({first_line(err)})") from None
+            raise UserError(f"{model}: cannot load the text encoders ({load_reason(err)})") from None
         return cls(tok, tok2, enc, enc2, device=device)
 
     def count_truncated(self, prompts: Sequence[str]) -> int:

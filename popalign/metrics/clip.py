@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from popalign.errors import UserError
+from popalign.errors import UserError, load_reason
 from popalign.metrics.fid import as_float_images
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,8 +38,7 @@ class ClipEncoder(nn.Module):
             self.model = CLIPModel.from_pretrained(src, **kw).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         except OSError as e:
-            reason = " ".join(str(e).split())  # one line: the CLI prints errors on one line
-            raise UserError(f"{src}: cannot load a CLIP model and tokenizer ({reason})") from e
+            raise UserError(f"{src}: cannot load a CLIP model and tokenizer ({load_reason(e)})") from e
         try:
             cfg = ImageProcessingMixin.get_image_processor_dict(src, **kw)[0]
         except OSError:

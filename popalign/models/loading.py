@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from popalign.errors import UserError, first_line
+from popalign.errors import UserError, load_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -119,7 +119,7 @@ def loaded(source: str, what: str, load):
     try:
         return load()
     except (OSError, ValueError) as err:
-        raise UserError(f"{source}: cannot load the {what} ({first_line(err)})") from None
+        raise UserError(f"{source}: cannot load the {what} ({load_reason(err)})") from None
 
 
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
