@@ -55,6 +55,15 @@ def load_training_checkpoint(path: str | Path) -> dict:
     or a checkpoint of another model.
     """
     path = Path(path)
+    if path.is_dir() and (path / "latest").is_file():  # DeepSpeed's: a tag file beside the tag's folder
+        convert = (
+            "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict"
+        )
+        raise UserError(
+            f"{path}: is a DeepSpeed checkpoint folder, not a checkpoint file; make it one with "
+            f"`python -c \"{convert} as c; c('{path}', '{path}.consolidated')\"` (it unpickles the folder's "
+            f"files: only for checkpoints you trust), then export {path}.consolidated"
+        )
     if path.is_dir():
         raise UserError(
             f"{path}: is a folder, not a checkpoint file; a sharded FSDP checkpoint becomes one with "

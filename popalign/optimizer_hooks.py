@@ -61,13 +61,25 @@ class OptimizerHooks(L.LightningModule):
         read a ``found_inf`` flag as they do under a GradScaler, so the step needs no host sync and
         the count is checked against ``max_nonfinite_steps`` at logging steps. Other optimizers
         read the flag on the host (one sync) and skip at once. Under ``precision: 16-mixed`` the
-        GradScaler does this job and the guard stands aside (no ``train/grad_norm`` either).
+        GradScaler does this job and the guard stands aside (no ``train/grad_norm`` either); under
+        DeepSpeed its engine does (it clips, and ``train/grad_norm`` is its norm; docs/scaling.md).
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # fp16 loss scaling: the GradScaler finds overflowing steps, skips them and lowers its
             # scale; a second guard would count its routine overflows and keep it from adapting
             optimizer.step(closure=optimizer_closure)
             self._update_ema(applied=True, skipped=None)  # the scaler's rare skips still move the EMA
+            return
+        engine = _deepspeed_engine(self.trainer)
+        if engine is not None:
+            # ZeRO keeps the gradients in its own partitioned buffers (no `.grad` to guard) and clips
+            # them itself (trainer.gradient_clip_val becomes its `gradient_clipping`); its engine has
+            # the global norm, before clipping, once the step is taken
+            optimizer.step(closure=optimizer_closure)
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), batch_size=1)
+            self._update_ema(applied=True, skipped=None)
             return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
         applied = [True]
@@ -181,6 +193,14 @@ def _configured(key: str, factory: Any, arg: Any) -> Any:
         return factory(arg)
     except ValueError as err:
         raise UserError(f"model.init_args.{key}: {err}") from None
+
+
+def _deepspeed_engine(trainer: Any) -> Any:
+    """The trainer's ``DeepSpeedEngine`` under Lightning's DeepSpeed strategy, else None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

@@ -51,6 +51,9 @@ warnings.filterwarnings("ignore", r'\.fit\(ckpt_path="last"\) is set, but there 
 # on every resume: the folder is fixed on purpose, and a fresh run into one holding checkpoints is
 # refused before this point (refuse_earlier_checkpoints)
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
+# the module clips with its own hook, and under DeepSpeed it leaves clipping to DeepSpeed, which
+# Lightning hands trainer.gradient_clip_val (OptimizerHooks.optimizer_step)
+warnings.filterwarnings("ignore", r"Since DeepSpeed handles gradient clipping internally")
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
@@ -172,7 +175,7 @@ class PopAlignCLI(LightningCLI):
         ``last.ckpt`` would silently take the old run. Plain ``fsdp`` loads a checkpoint file strictly,
         and popalign's checkpoints leave out the frozen weights (a page of "Missing key(s)");
         ``fsdp_blocks`` resumes them; sharded checkpoint folders resume under either."""
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if isinstance(self.datamodule, PopulationDataModule):  # before the logger makes a run folder
@@ -195,6 +198,10 @@ class PopAlignCLI(LightningCLI):
                     str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora
                 )
         strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and isinstance(self.datamodule, PopulationDataModule):
+            # Lightning reads it off the loader's batch sampler, and popalign's loader yields whole
+            # batches (it has none: an AttributeError at set-up); DeepSpeed uses it for its logs
+            strategy.config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.batch_rows)
         if not ckpt_path or not isinstance(strategy, FSDPStrategy) or isinstance(strategy, BlockFSDPStrategy):
             return
         if Path(ckpt_path).is_dir() or (

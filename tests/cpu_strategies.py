@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
@@ -60,6 +62,24 @@ class CPUBlockFSDPStrategy(_WrapOnCPU, BlockFSDPStrategy):
 class CPUFSDPStrategy(_WrapOnCPU, StagedFSDPStrategy):
     """Lightning's plain FSDP (one unit for the whole module) on CPU processes, as ``train.py`` runs
     ``strategy: fsdp`` (:func:`popalign.checkpointing.prepare_checkpointing`)."""
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy on gloo CPU processes (DeepSpeed's CPU accelerator): Lightning
+    refuses any accelerator but CUDA and checks CUDA device indices, and DeepSpeed's engine wants a
+    device index, which ``cpu`` lacks; the rest (ZeRO, its clipping, its checkpoints) is DeepSpeed's."""
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
+
+    def setup_distributed(self) -> None:
+        reset_seed()  # DeepSpeedStrategy's, less its CUDA device-index check
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", 0)
 
 
 class DumpPolicy(L.Callback):

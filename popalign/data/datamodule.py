@@ -272,6 +272,11 @@ class PopulationDataModule(L.LightningDataModule):
             # hide the hook: Lightning then runs no validation (an empty loader list would warn)
             self.val_dataloader = None
 
+    @property
+    def batch_rows(self) -> int:
+        """Latents in one batch of one rank: ``2 * groups_per_batch * pairs_per_group``."""
+        return 2 * self.groups_per_batch * self.pairs_per_group
+
     def setup(self, stage: str | None = None) -> None:
         rank, world_size = distributed_info(self.trainer)
         common = dict(
