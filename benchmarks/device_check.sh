@@ -30,8 +30,11 @@ export PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+    # pip picks each requirement's wheel for this Python out of .whl (it may hold several)
+    wheels=(python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir
+            --upgrade --target /tmp/site)
+    "${wheels[@]}" -r benchmarks/device_requirements.txt || exit 1
+    if compgen -G ".whl/deepspeed-*.whl" >/dev/null; then "${wheels[@]}" deepspeed || exit 1; fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
