@@ -85,3 +85,15 @@ def finished_run(proc, root: Path, name: str) -> tuple[dict, dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = json.loads((root / f"{name}.json").read_text())
     return facts, load_file(str(root / f"{name}.safetensors"))
+
+
+def assert_trains_like(trained: dict, reference: dict, initial: dict, what: str) -> float:
+    """``trained`` (a strategy's final policy) equals ``reference`` (DDP's) to within 1e-4 of how far
+    training moved ``reference`` from ``initial``, which must be far enough to say something; returns
+    that distance."""
+    assert trained.keys() == reference.keys() == initial.keys()
+    moved = max((reference[k] - initial[k].float()).abs().max().item() for k in reference)
+    assert moved > 1e-3, "training hardly moved the weights; the comparison would say little"
+    worst = max((trained[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst < 1e-4 * moved, f"{what} and DDP policies differ by {worst:.2e} (moved {moved:.2e})"
+    return moved
