@@ -178,13 +178,18 @@ class PopAlignModule(OptimizerHooks):
         )
         return out.sample.float()
 
+    def _policy_dtype(self) -> torch.dtype:
+        # float32 (autocast computes in bf16 under bf16-mixed; FSDP casts its units' inputs itself), but
+        # DeepSpeed's bf16 mode stores the policy's weights in bf16 and has no autocast
+        return next(self.policy.parameters()).dtype
+
     def _reference_prediction(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             if self.reference is not None:
                 return self._unet(self.reference, x, t, batch, next(self.reference.parameters()).dtype)
             self.policy.disable_adapters()
             try:
-                return self._unet(self.policy, x, t, batch, torch.float32)
+                return self._unet(self.policy, x, t, batch, self._policy_dtype())
             finally:
                 self.policy.enable_adapters()
 
@@ -236,7 +241,7 @@ class PopAlignModule(OptimizerHooks):
         cond, t = batch, timesteps
         if self.preservation_weight > 0:
             cond, x_t, t = _with_source_captions(batch, x_t, timesteps)
-        policy_pred = self._unet(self.policy, x_t, t, cond, torch.float32)
+        policy_pred = self._unet(self.policy, x_t, t, cond, self._policy_dtype())
         policy_err = (policy_pred[:n] - target).pow(2).mean(dim=(1, 2, 3))
         ref_pred = ref_err = None
         if self.needs_reference:

@@ -9,8 +9,11 @@ them one file.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from launch import assert_trains_like, finished_run, fit_tiny
+from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
@@ -29,7 +32,6 @@ def cpu_accelerator(monkeypatch):
 @pytest.mark.slow
 def test_zero2_trains_like_ddp_resumes_and_exports(tiny_run, cpu_accelerator, capsys):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-    from safetensors.torch import load_file
 
     from popalign.cli import main
 
@@ -69,3 +71,15 @@ def test_zero2_trains_like_ddp_resumes_and_exports(tiny_run, cpu_accelerator, ca
     exported = load_file(str(out / "unet/diffusion_pytorch_model.safetensors"))
     assert exported.keys() == zero2.keys()
     assert max((exported[k].float() - zero2[k]).abs().max().item() for k in zero2) == 0
+
+
+@pytest.mark.slow
+def test_zero2_trains_in_bf16_mixed(tiny_run, cpu_accelerator):
+    # the SDXL configs' precision: DeepSpeed's bf16 mode stores the policy in bf16 and has no autocast,
+    # so the UNet's inputs must follow the weights' dtype (they were float32: a dtype error in the
+    # first forward)
+    proc = fit_tiny(tiny_run, "zero2_bf16", DEEPSPEED, "bfloat16", precision="bf16-mixed")
+    facts, policy = finished_run(proc, tiny_run, "zero2_bf16")
+    assert facts["global_step"] == 3 and math.isfinite(facts["grad_norm"]) and facts["grad_norm"] > 0
+    initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    assert max((policy[k] - initial[k].float()).abs().max().item() for k in policy) > 1e-3
