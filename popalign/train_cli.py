@@ -168,7 +168,8 @@ class PopAlignCLI(LightningCLI):
         """Check the shard paths (before the logger writes a run folder), refuse a fresh run into a
         checkpoint folder holding an earlier run's checkpoints, a resume the run cannot continue
         (another base model, other LoRA settings: :func:`popalign.resume.check_before_fit`, also before
-        the run folder), and resuming a checkpoint *file* under Lightning's plain ``fsdp``.
+        the run folder), and resuming a checkpoint *file* under Lightning's plain ``fsdp``. Under
+        DeepSpeed, set its ``train_micro_batch_size_per_gpu`` to the DataModule's batch unless given.
 
         The checkpoint folder is fixed (``--ckpt_path last`` must find it after a restart), so a second
         fresh run there would write ``last-v1.ckpt`` beside the first run's ``last.ckpt``, and exporting
