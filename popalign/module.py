@@ -168,7 +168,18 @@ class PopAlignModule(OptimizerHooks):
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ the step
-    def _unet(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, batch: dict, dtype: torch.dtype):
+    def _unet(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        batch: dict,
+        dtype: torch.dtype | None = None,
+    ):
+        # inputs in the weights' dtype unless given: float32 for the policy (autocast computes in bf16
+        # under bf16-mixed; FSDP casts its units' inputs itself), the reference's own, and bf16 for a
+        # policy that DeepSpeed's bf16 mode stores in bf16 without autocast
+        dtype = dtype or next(model.parameters()).dtype
         cond = {
             "text_embeds": batch["pooled_prompt_embeds"].to(dtype),
             "time_ids": batch["time_ids"].to(dtype),
@@ -178,18 +189,13 @@ class PopAlignModule(OptimizerHooks):
         )
         return out.sample.float()
 
-    def _policy_dtype(self) -> torch.dtype:
-        # float32 (autocast computes in bf16 under bf16-mixed; FSDP casts its units' inputs itself), but
-        # DeepSpeed's bf16 mode stores the policy's weights in bf16 and has no autocast
-        return next(self.policy.parameters()).dtype
-
     def _reference_prediction(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             if self.reference is not None:
-                return self._unet(self.reference, x, t, batch, next(self.reference.parameters()).dtype)
+                return self._unet(self.reference, x, t, batch)
             self.policy.disable_adapters()
             try:
-                return self._unet(self.policy, x, t, batch, self._policy_dtype())
+                return self._unet(self.policy, x, t, batch)
             finally:
                 self.policy.enable_adapters()
 
@@ -241,7 +247,7 @@ class PopAlignModule(OptimizerHooks):
         cond, t = batch, timesteps
         if self.preservation_weight > 0:
             cond, x_t, t = _with_source_captions(batch, x_t, timesteps)
-        policy_pred = self._unet(self.policy, x_t, t, cond, self._policy_dtype())
+        policy_pred = self._unet(self.policy, x_t, t, cond)
         policy_err = (policy_pred[:n] - target).pow(2).mean(dim=(1, 2, 3))
         ref_pred = ref_err = None
         if self.needs_reference:

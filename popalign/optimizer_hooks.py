@@ -64,22 +64,18 @@ class OptimizerHooks(L.LightningModule):
         GradScaler does this job and the guard stands aside (no ``train/grad_norm`` either); under
         DeepSpeed its engine does (it clips, and ``train/grad_norm`` is its norm; docs/scaling.md).
         """
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            # fp16 loss scaling: the GradScaler finds overflowing steps, skips them and lowers its
-            # scale; a second guard would count its routine overflows and keep it from adapting
-            optimizer.step(closure=optimizer_closure)
-            self._update_ema(applied=True, skipped=None)  # the scaler's rare skips still move the EMA
-            return
         engine = _deepspeed_engine(self.trainer)
-        if engine is not None:
-            # ZeRO keeps the gradients in its own partitioned buffers (no `.grad` to guard) and clips
-            # them itself (trainer.gradient_clip_val becomes its `gradient_clipping`); its engine has
-            # the global norm, before clipping, once the step is taken
+        if engine is not None or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # the guard stands aside. fp16 loss scaling: the GradScaler finds overflowing steps, skips
+            # them and lowers its scale; a second guard would count its routine overflows and keep it
+            # from adapting. DeepSpeed: ZeRO keeps the gradients in its own partitioned buffers (no
+            # `.grad` to guard) and clips them itself (trainer.gradient_clip_val becomes its
+            # `gradient_clipping`); its engine has the global norm, before clipping, once it stepped
             optimizer.step(closure=optimizer_closure)
-            norm = engine.get_global_grad_norm()
+            norm = engine.get_global_grad_norm() if engine is not None else None
             if norm is not None:
                 self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), batch_size=1)
-            self._update_ema(applied=True, skipped=None)
+            self._update_ema(applied=True, skipped=None)  # their rare skips still move the EMA
             return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
         applied = [True]

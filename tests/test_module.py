@@ -103,7 +103,7 @@ def test_v_prediction_target(tiny_model, batch_factory):
     expected = m.noise_scheduler.get_velocity(x0, noise, t)
     captured = {}
 
-    def fake_unet(model, x, tt, b, dtype):
+    def fake_unet(model, x, tt, b, dtype=None):
         captured["x_t"] = x
         return torch.zeros_like(x)
 
