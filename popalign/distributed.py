@@ -247,3 +247,41 @@ def shards_parameters(trainer: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     return trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+
+
+def partitions_weights(trainer: Any) -> bool:
+    """Whether the weights are pieces between forwards: :func:`shards_parameters`, or DeepSpeed ZeRO-3
+    in any number of processes (its parameters are empty placeholders outside the gathers of a forward).
+
+    The EMA copy, which reads every weight after each optimizer step, checks this.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    zero3 = isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
+    return zero3 or shards_parameters(trainer)
+
+
+def check_offloaded_optimizer(strategy: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse in one line the optimizer DeepSpeed's optimizer offload would refuse with a traceback.
+
+    Offloading (``offload_optimizer`` to ``cpu`` or ``nvme``, as in Lightning's
+    ``deepspeed_stage_2_offload``) steps the optimizer on the CPU, and DeepSpeed takes only its own CPU
+    optimizers there unless its config sets ``zero_force_ds_cpu_optimizer: false``.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return
+    device = ((strategy.config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    if device not in ("cpu", "nvme") or strategy.config.get("zero_force_ds_cpu_optimizer") is False:
+        return
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.lion import DeepSpeedCPULion
+
+    if not isinstance(optimizer, (DeepSpeedCPUAdam, DeepSpeedCPULion)):
+        raise UserError(
+            f"DeepSpeed's optimizer offload (to {device}) steps the optimizer on the CPU and takes only its "
+            f"own CPU optimizers, not {type(optimizer).__name__}: set --model.init_args.optimizer "
+            "deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW on the CPU; the config's lr and weight_decay carry "
+            "over), or zero_force_ds_cpu_optimizer: false in the DeepSpeed config to keep this one"
+        )

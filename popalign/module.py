@@ -148,13 +148,14 @@ class PopAlignModule(OptimizerHooks):
                 speed.compile_repeated_blocks(unet, mode=compile_mode)
 
     def setup(self, stage: str) -> None:
-        from popalign.distributed import check_one_unit_dtypes, shards_parameters
+        from popalign.distributed import check_one_unit_dtypes, partitions_weights
 
         check_one_unit_dtypes(self.trainer, self)
-        if self.ema is not None and shards_parameters(self.trainer):
+        if self.ema is not None and partitions_weights(self.trainer):
             raise UserError(
                 f"ema_decay keeps a whole copy of the weights, which {type(self.trainer.strategy).__name__} "
-                "shards across processes; train with DDP or set ema_decay: null"
+                "keeps in pieces (sharded across processes, or partitioned by ZeRO-3); train with DDP or set "
+                "ema_decay: null"
             )
 
     # ------------------------------------------------------------------ the reference stays frozen

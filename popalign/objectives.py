@@ -9,7 +9,7 @@ Derivations and guidance: ``docs/objectives.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,9 @@ def _positive_beta(beta: float) -> float:
     return float(beta)
 
 
-@dataclass
-class ObjectiveOutput:
-    """What an objective hands back to the training step."""
+class ObjectiveOutput(NamedTuple):
+    """What an objective hands back to the training step (a named tuple: DeepSpeed's ZeRO-3 hooks
+    find the tensors of a module's output only in tuples, lists and dicts, and warn otherwise)."""
 
     loss: Tensor
     """Scalar, differentiable."""

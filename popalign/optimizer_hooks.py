@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from popalign.distributed import check_offloaded_optimizer
 from popalign.errors import UserError
 from popalign.resume import optimizer_settings
 
@@ -31,26 +32,31 @@ class OptimizerHooks(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
         else:
             optimizer = _configured("optimizer", self.optimizer_factory, params)
+        check_offloaded_optimizer(self._trainer and self._trainer.strategy, optimizer)
         self._configured_optimizer = optimizer_settings(optimizer)  # before a schedule or a resume moves them
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def check_optimizer_config(self) -> None:
+    def check_optimizer_config(self, strategy: Any = None) -> None:
         """Build the configured optimizer and schedule on a stand-in parameter, so that a value they
-        refuse (an ``lr`` below 0, ``total_steps`` not above ``warmup_steps``) stops the run before it
-        writes anything; other failures of the stand-in are left to :meth:`configure_optimizers`."""
-        if self.optimizer_factory is None:
-            return
+        refuse (an ``lr`` below 0, ``total_steps`` not above ``warmup_steps``) or an optimizer the
+        ``strategy`` cannot run (:func:`~popalign.distributed.check_offloaded_optimizer`) stops the run
+        before it writes anything; other failures of the stand-in are left to :meth:`configure_optimizers`."""
+        stand_in = [nn.Parameter(torch.zeros(1))]
         try:
-            optimizer = _configured("optimizer", self.optimizer_factory, [nn.Parameter(torch.zeros(1))])
+            if self.optimizer_factory is None:
+                optimizer = torch.optim.AdamW(stand_in)
+            else:
+                optimizer = _configured("optimizer", self.optimizer_factory, stand_in)
             if self.lr_scheduler_factory is not None:
                 _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         except UserError:
             raise
         except Exception:  # noqa: BLE001 - e.g. an optimizer that wants GPU parameters: checked later
             return
+        check_offloaded_optimizer(strategy, optimizer)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None

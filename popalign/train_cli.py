@@ -54,6 +54,10 @@ warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not em
 # the module clips with its own hook, and under DeepSpeed it leaves clipping to DeepSpeed, which
 # Lightning hands trainer.gradient_clip_val (OptimizerHooks.optimizer_step)
 warnings.filterwarnings("ignore", r"Since DeepSpeed handles gradient clipping internally")
+# DeepSpeed's ZeRO-3 gathers and scatters through torch names torch deprecated, once per call site
+warnings.filterwarnings(
+    "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+)
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
@@ -191,14 +195,13 @@ class PopAlignCLI(LightningCLI):
             # this case advises save_last=True, which the config already has
             where = ", ".join(folders) or "trainer.callbacks (no ModelCheckpoint)"
             rank_zero_info(f"--ckpt_path last: no last checkpoint in {where} yet; training from step 0")
-        model = self.model
+        model, strategy = self.model, self.trainer.strategy
         if isinstance(model, PopAlignModule):  # what the run would refuse later, before its run folder
-            model.check_optimizer_config()  # an lr torch refuses
+            model.check_optimizer_config(strategy)  # an lr torch refuses, an optimizer DeepSpeed does
             if ckpt_path:  # another base, other LoRA settings
                 check_before_fit(
                     str(ckpt_path), folders, dict(model.hparams), model.base_fingerprint, model.lora
                 )
-        strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) and isinstance(self.datamodule, PopulationDataModule):
             # Lightning reads it off the loader's batch sampler, and popalign's loader yields whole
             # batches (it has none: an AttributeError at set-up); DeepSpeed uses it for its logs

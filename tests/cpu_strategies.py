@@ -93,10 +93,14 @@ class DumpPolicy(L.Callback):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = trainer.strategy.model
-        sharded = isinstance(model, FullyShardedDataParallel)
-        gather = (
-            FullyShardedDataParallel.summon_full_params(model, writeback=False) if sharded else nullcontext()
-        )
+        if isinstance(model, FullyShardedDataParallel):
+            gather = FullyShardedDataParallel.summon_full_params(model, writeback=False)
+        elif isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+            from deepspeed.runtime.zero import GatheredParameters
+
+            gather = GatheredParameters(list(pl_module.parameters()))  # ZeRO-3 keeps empty placeholders
+        else:
+            gather = nullcontext()
         with gather:  # a collective: every rank enters
             if not trainer.is_global_zero:
                 return
@@ -116,6 +120,7 @@ class DumpPolicy(L.Callback):
             "global_step": trainer.global_step,
             "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in model.modules()),
             "grad_norm": float(trainer.callback_metrics["train/grad_norm"]),
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "world_size": trainer.world_size,
             "adam_steps": sorted(
                 {int(s["step"]) for opt in trainer.optimizers for s in opt.state.values() if "step" in s}

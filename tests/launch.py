@@ -97,3 +97,14 @@ def assert_trains_like(trained: dict, reference: dict, initial: dict, what: str)
     worst = max((trained[k] - reference[k]).abs().max().item() for k in reference)
     assert worst < 1e-4 * moved, f"{what} and DDP policies differ by {worst:.2e} (moved {moved:.2e})"
     return moved
+
+
+def assert_trains_lora_like(trained: dict, reference: dict, what: str) -> None:
+    """``trained`` (a strategy's final LoRA policy) equals ``reference`` (DDP's) to within 1e-4 of how
+    far training moved the adapters (``lora_B`` starts at zero, so any value of it is training)."""
+    adapters = [k for k in reference if "lora_B" in k]
+    assert adapters and trained.keys() == reference.keys()
+    moved = max(reference[k].abs().max().item() for k in adapters)
+    assert moved > 1e-4, "training hardly moved the adapters; the comparison would say little"
+    worst = max((trained[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst < 1e-4 * moved, f"{what} and DDP LoRA weights differ by {worst:.2e} (moved {moved:.2e})"

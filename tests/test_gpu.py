@@ -156,17 +156,18 @@ def test_channels_last_and_selective_checkpointing_keep_loss_and_gradients(tiny_
     assert speed.fused_adamw_available(DEVICE)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "block_fsdp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "block_fsdp", "deepspeed", "deepspeed3"])
 def test_train_py_starts_on_one_gpu(tiny_run, strategy):
     if DEVICE != "cuda" and strategy != "ddp":
         pytest.skip(
             "PyTorch's FSDP and Lightning's DeepSpeed refuse CPU devices: tests/test_strategies.py and "
             "tests/test_deepspeed.py run them CPU-wrapped"
         )
-    if strategy == "deepspeed":
+    if strategy.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     # the registered names
-    chosen = {"block_fsdp": "fsdp_blocks", "deepspeed": "deepspeed_stage_2"}.get(strategy, strategy)
+    names = {"block_fsdp": "fsdp_blocks", "deepspeed": "deepspeed_stage_2", "deepspeed3": "deepspeed_stage_3"}
+    chosen = names.get(strategy, strategy)
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed"}
     # plain fsdp's one unit holds one dtype: a bfloat16 reference is refused (tests/test_strategies.py)
