@@ -16,6 +16,29 @@ ROOT = Path(__file__).parents[1]
 TIMEOUT_S = 300  # a deadlocked collective shows up as a timeout, not a hang of the suite
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e-3}}
 
+# a persistence threshold of 0 partitions every weight: by default ZeRO-3 keeps weights under 1e5
+# elements whole on every rank, which is all of the tiny UNet's, and nothing would be partitioned
+ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+CPU = {"device": "cpu"}
+ZERO = {  # a strategy's init_args; a config replaces Lightning's defaults
+    2: {"stage": 2},
+    3: {"config": {"zero_optimization": ZERO3, "zero_allow_untested_optimizer": True}},
+    # offloaded, with the test's torch SGD, which offloading takes only when told to (a user is told
+    # to use DeepSpeedCPUAdam: test_offload_takes_deepspeeds_cpu_optimizers_or_says_what_to_set)
+    "2-offload": {"config": {"zero_optimization": {"stage": 2, "offload_optimizer": CPU},
+                             "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}},
+    "3-offload": {"config": {"zero_optimization": ZERO3 | {"offload_optimizer": CPU, "offload_param": CPU},
+                             "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}},
+}  # fmt: skip
+
+
+def deepspeed(zero: int | str) -> dict:
+    """Lightning's DeepSpeed strategy on gloo CPU processes, ``ZERO[zero]`` its arguments."""
+    return {
+        "class_path": "cpu_strategies.CPUDeepSpeedStrategy",
+        "init_args": {"process_group_backend": "gloo", **ZERO[zero]},
+    }
+
 
 def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
     """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
@@ -68,6 +91,8 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
     env |= {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    if more.get("accelerator", "cpu") == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own choice, also on a machine with a GPU
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml")]
     cmd += ["--config", str(config)] + ([f"--ckpt_path={more['ckpt_path']}"] if "ckpt_path" in more else [])
     return subprocess.run(

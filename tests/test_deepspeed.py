@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from launch import assert_trains_like, assert_trains_lora_like, finished_run, fit_tiny
+from launch import assert_trains_like, assert_trains_lora_like, deepspeed, finished_run, fit_tiny
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from safetensors.torch import load_file
 
@@ -25,35 +25,7 @@ from popalign.errors import UserError
 
 pytest.importorskip("deepspeed")
 
-# a persistence threshold of 0 partitions every weight: by default ZeRO-3 keeps weights under 1e5
-# elements whole on every rank, which is all of the tiny UNet's, and nothing would be partitioned
-ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
-CPU = {"device": "cpu"}
-ZERO = {  # a strategy's init_args; a config replaces Lightning's defaults
-    2: {"stage": 2},
-    3: {"config": {"zero_optimization": ZERO3, "zero_allow_untested_optimizer": True}},
-    # offloaded, with the test's torch SGD, which offloading takes only when told to (a user is told
-    # to use DeepSpeedCPUAdam: test_offload_takes_deepspeeds_cpu_optimizers_or_says_what_to_set)
-    "2-offload": {"config": {"zero_optimization": {"stage": 2, "offload_optimizer": CPU},
-                             "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}},
-    "3-offload": {"config": {"zero_optimization": ZERO3 | {"offload_optimizer": CPU, "offload_param": CPU},
-                             "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}},
-}  # fmt: skip
-
-
-def deepspeed(zero: int | str) -> dict:
-    return {
-        "class_path": "cpu_strategies.CPUDeepSpeedStrategy",
-        "init_args": {"process_group_backend": "gloo", **ZERO[zero]},
-    }
-
-
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
-
-
-@pytest.fixture
-def cpu_accelerator(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # also on a machine with a GPU: the runs are on CPUs
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +39,7 @@ def ddp_clipped(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, cpu_accelerator, capsys):
+def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, capsys):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     from popalign.cli import main
@@ -114,7 +86,7 @@ def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["2-offload", "3-offload"])
-def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero, cpu_accelerator):
+def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero):
     # the optimizer state and step on the CPU (ZeRO-3: the partitioned weights too); on CPU processes
     # the offload moves nothing, so this checks the offloaded code path's arithmetic, not its transfers
     ddp_facts, ddp = ddp_clipped
@@ -128,7 +100,7 @@ def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero, cpu_acceler
 
 
 @pytest.mark.slow
-def test_offload_trains_with_deepspeeds_cpu_adam(tiny_run, cpu_accelerator):
+def test_offload_trains_with_deepspeeds_cpu_adam(tiny_run):
     # what a user is told to run with offloading (Lightning's deepspeed_stage_2_offload arguments)
     if shutil.which("c++") is None:
         pytest.skip("DeepSpeedCPUAdam compiles its kernel on first use, which needs a C++ compiler")
@@ -145,7 +117,7 @@ def test_offload_trains_with_deepspeeds_cpu_adam(tiny_run, cpu_accelerator):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_in_bf16_mixed(tiny_run, stage, cpu_accelerator):
+def test_zero_trains_in_bf16_mixed(tiny_run, stage):
     # the SDXL configs' precision: DeepSpeed's bf16 mode stores the policy in bf16 and has no autocast,
     # so the UNet's inputs must follow the weights' dtype (they were float32: a dtype error in the
     # first forward)
@@ -157,7 +129,7 @@ def test_zero_trains_in_bf16_mixed(tiny_run, stage, cpu_accelerator):
 
 
 @pytest.mark.slow
-def test_zero3_trains_lora_like_ddp(tiny_run, cpu_accelerator):
+def test_zero3_trains_lora_like_ddp(tiny_run):
     # the adapters partitioned beside the frozen base; the reference is the adapters switched off
     ddp_facts, ddp = finished_run(
         fit_tiny(tiny_run, "zero_lora_ddp", "ddp", "float32", lora_rank=4), tiny_run, "zero_lora_ddp"
@@ -170,7 +142,7 @@ def test_zero3_trains_lora_like_ddp(tiny_run, cpu_accelerator):
 
 
 @pytest.mark.slow
-def test_zero3_validates_in_one_process(tiny_run, cpu_accelerator):
+def test_zero3_validates_in_one_process(tiny_run):
     # FairnessValidation samples the policy outside the step; in one process ZeRO-3's hooks gather
     # each partitioned weight as the sampler's UNet calls reach it
     validation = {

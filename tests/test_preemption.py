@@ -1,11 +1,15 @@
-"""SIGTERM in a run of two gloo processes (`train.py fit`, DDP on CPU): every rank stops after the same
-step, that step is saved, and the run resumed from it ends where an unstopped run ends."""
+"""SIGTERM in a run of two gloo processes (`train.py fit`, DDP on CPU; also FSDP and DeepSpeed ZeRO-3):
+every rank stops after the same step, that step is saved, and the run resumed from it ends where an
+unstopped run ends."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
-from launch import fit_tiny
+from launch import deepspeed, fit_tiny
 from safetensors.torch import load_file
 
 STEPS = 7  # the tiny config's epochs are 5 batches: the stop, the resume and the end span two
@@ -25,13 +29,24 @@ def _stopped_and_resumed(root, name: str, strategy, sigterm: dict, accumulate: i
     ckpts = root / f"{name}_ckpts"
     more = {"checkpoints": ckpts, "save_last": True, "new_session": True, "accumulate": accumulate, **ADAMW}
     stopped = fit_tiny(root, name, strategy, "float32", STEPS, **more, callbacks=[sigterm])
-    step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] if stopped.returncode else None
+    step = _saved_step(ckpts / "last.ckpt") if stopped.returncode else None
     resumed = fit_tiny(root, f"{name}_resumed", strategy, "float32", STEPS, **more, ckpt_path="last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return stopped, step, load_file(str(root / f"{name}_resumed.safetensors"))
 
 
-STRATEGIES = {"ddp": "ddp", "fsdp_blocks": {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"}}
+def _saved_step(last: Path) -> int:
+    """The step a checkpoint holds: a file, or a DeepSpeed folder (each rank's model states hold it)."""
+    if last.is_dir():
+        last = sorted((last / "checkpoint").glob("*model_states.pt"))[0]
+    return torch.load(last, weights_only=True)["global_step"]
+
+
+STRATEGIES = {
+    "ddp": "ddp",
+    "fsdp_blocks": {"class_path": "cpu_strategies.CPUBlockFSDPStrategy"},
+    "zero3": deepspeed(3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,17 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize(
     "strategy",
-    ["ddp", pytest.param("fsdp_blocks", marks=pytest.mark.slow)],  # FSDP: a collective save
+    [
+        "ddp",
+        pytest.param("fsdp_blocks", marks=pytest.mark.slow),  # FSDP: a collective save
+        pytest.param(  # every rank writes its partition of the weights and optimizer state
+            "zero3",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+            ],
+        ),
+    ],
 )
 def test_sigterm_to_one_rank_stops_both_after_its_step_and_saves_it(tiny_run, straight, strategy):
     # the signal reaches rank 1 alone during step 3; rank 0 learns of it from the vote after step 3:
