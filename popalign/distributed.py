@@ -238,15 +238,20 @@ def check_one_unit_dtypes(trainer: Any, module: nn.Module) -> None:
         )
 
 
-def shards_parameters(trainer: Any) -> bool:
-    """Whether ``trainer`` splits parameters across processes (FSDP or DeepSpeed over > 1 process).
-
-    Features that need every rank to hold whole weights outside the step (the EMA copy, sampling
-    the policy for validation) check this at set-up and refuse with a clear message.
-    """
+def _zero3(trainer: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    return trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+    return isinstance(trainer.strategy, DeepSpeedStrategy) and bool(trainer.strategy.zero_stage_3)
+
+
+def shards_parameters(trainer: Any) -> bool:
+    """Whether ``trainer`` splits the weights across processes: FSDP or DeepSpeed ZeRO-3 over > 1
+    process (ZeRO-1 and 2 split the gradients and optimizer state, and every rank holds whole weights).
+
+    Features that need every rank to use whole weights on its own outside the step (sampling the
+    policy for validation) check this at set-up and refuse with a clear message.
+    """
+    return trainer.world_size > 1 and (isinstance(trainer.strategy, FSDPStrategy) or _zero3(trainer))
 
 
 def partitions_weights(trainer: Any) -> bool:
@@ -255,10 +260,7 @@ def partitions_weights(trainer: Any) -> bool:
 
     The EMA copy, which reads every weight after each optimizer step, checks this.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    zero3 = isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
-    return zero3 or shards_parameters(trainer)
+    return _zero3(trainer) or shards_parameters(trainer)
 
 
 def check_offloaded_optimizer(strategy: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -45,7 +45,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
     ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``accumulate``
     (accumulate_grad_batches), ``logger`` and
-    ``callbacks`` (more of them) for the trainer, ``lora_rank`` for the module, ``save_last`` for the
+    ``callbacks`` (more of them) for the trainer, ``lora_rank`` and ``ema_decay`` for the module, ``save_last`` for the
     checkpoints, ``new_session`` (a process group of its own, for signals sent to the group)."""
     overlay = {
         "trainer": {
@@ -78,7 +78,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
                 # plain SGD: the update is the gradient itself, so weights compare like gradients do
                 # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
                 **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
-                **({"lora_rank": more["lora_rank"]} if "lora_rank" in more else {}),
+                **{k: more[k] for k in ("lora_rank", "ema_decay") if k in more},
             }
         },
         "data": {"train_shards": str(root / "tiny/shards")},

@@ -156,21 +156,54 @@ def test_zero3_validates_in_one_process(tiny_run):
     assert facts["world_size"] == 1 and 0 <= facts["logged"]["val_fair/discrepancy"] <= 1
 
 
-def test_ema_is_refused_under_zero3_even_in_one_process(tiny_model):
+def test_what_needs_whole_weights_is_refused_only_where_they_are_in_pieces(tiny_model):
     # ZeRO-3 leaves each parameter an empty placeholder outside its gathers, so the EMA update failed
-    # with a size mismatch after the first step of a one-process run; it is refused at set-up instead
+    # with a size mismatch after the first step of a one-process run; it is refused at set-up instead.
+    # Validation samples through ZeRO-3's hooks, which gather the weights: one process can do that
+    # alone, not several. ZeRO-2 keeps whole weights on every rank: both are allowed.
     from popalign.evaluation.validation import FairnessValidation
     from popalign.module import PopAlignModule
 
     module = PopAlignModule(pretrained_model=tiny_model, ema_decay=0.9, reference_dtype="float32")
-    module._trainer = SimpleNamespace(world_size=1, strategy=DeepSpeedStrategy(stage=2))
-    module.setup("fit")  # ZeRO-2 keeps whole weights in every process: allowed
-    module._trainer = SimpleNamespace(world_size=1, strategy=DeepSpeedStrategy(stage=3))
-    with pytest.raises(UserError, match="ema_decay.*DeepSpeedStrategy.*partitioned by ZeRO-3"):
-        module.setup("fit")
-    # sampling for validation gathers the weights through ZeRO-3's hooks, which one process can do alone
     callback = FairnessValidation(prompts=["a photo of a doctor"], axes=["gender"], classifier="oracle")
-    callback.setup(module._trainer, module, "validate")
+    for processes in (1, 2):
+        module._trainer = SimpleNamespace(world_size=processes, strategy=DeepSpeedStrategy(stage=2))
+        module.setup("fit")
+        callback.setup(module._trainer, module, "validate")
+        module._trainer = SimpleNamespace(world_size=processes, strategy=DeepSpeedStrategy(stage=3))
+        with pytest.raises(UserError, match="ema_decay.*DeepSpeedStrategy.*partitioned by ZeRO-3"):
+            module.setup("fit")
+    callback.setup(SimpleNamespace(world_size=1, strategy=DeepSpeedStrategy(stage=3)), module, "validate")
+    with pytest.raises(UserError, match="FairnessValidation.*DeepSpeedStrategy"):
+        callback.setup(SimpleNamespace(world_size=2, strategy=DeepSpeedStrategy(stage=3)), module, "validate")
+
+
+@pytest.mark.slow
+def test_zero2_keeps_the_average_ddp_keeps_and_exports_it(tiny_run, capsys):
+    # every rank holds whole weights after DeepSpeed's step, so each keeps the same EMA; the buffers
+    # reach the checkpoint folder, and Lightning's converter keeps them for `popalign export --ema`,
+    # which must give DDP's average
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from popalign.cli import main
+
+    averages = {}
+    for name, strategy in (("ema_ddp", "ddp"), ("ema_zero2", deepspeed(2))):
+        ckpts = tiny_run / f"{name}_ckpts"
+        proc = fit_tiny(
+            tiny_run, name, strategy, "float32", clip=1.0, optimizer=SGD, ema_decay=0.5, checkpoints=ckpts
+        )
+        finished_run(proc, tiny_run, name)
+        (saved,) = ckpts.iterdir()
+        if saved.is_dir():
+            convert_zero_checkpoint_to_fp32_state_dict(str(saved), f"{saved}.consolidated")
+            saved = saved.with_name(f"{saved.name}.consolidated")
+        out = tiny_run / f"{name}_export"
+        assert main(["export", str(saved), "--out", str(out), "--ema"]) == 0, capsys.readouterr().err
+        averages[name] = load_file(str(out / "unet/diffusion_pytorch_model.safetensors"))
+    ddp, zero2 = averages["ema_ddp"], averages["ema_zero2"]
+    initial = load_file(str(tiny_run / "tiny/model/unet/diffusion_pytorch_model.safetensors"))
+    assert_trains_like(zero2, ddp, initial, "ZeRO-2's average")
 
 
 def _offloading(**config) -> DeepSpeedStrategy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import lightning as L
@@ -154,11 +155,21 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_log_what_one_process_logs(tiny_run):
-    """Under DDP each rank samples every second prompt (3 prompts: 2 and 1) and the per-prompt counts
-    are gathered: with the weights held still (lr 0) two processes must log the single process's
-    numbers, and neither may hang on the uneven split."""
-    from launch import finished_run, fit_tiny
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        pytest.param(  # ZeRO-2 splits gradients and optimizer state; every rank holds whole weights
+            "zero2",
+            marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+        ),
+    ],
+)
+def test_two_processes_log_what_one_process_logs(tiny_run, strategy):
+    """Under DDP (or ZeRO-2) each rank samples every second prompt (3 prompts: 2 and 1) and the
+    per-prompt counts are gathered: with the weights held still (lr 0) two processes must log the
+    single process's numbers, and neither may hang on the uneven split."""
+    from launch import deepspeed, finished_run, fit_tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     still = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}
@@ -169,14 +180,14 @@ def test_two_ddp_processes_log_what_one_process_logs(tiny_run):
                           every_n_steps=2),
     }  # fmt: skip
     logged = {}
-    for devices in (1, 2):
-        name = f"fair_{devices}"
+    for devices, chosen in ((1, "ddp"), (2, deepspeed(2) if strategy == "zero2" else "ddp")):
+        name = f"fair_{strategy}_{devices}"
         logger = {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": str(tiny_run / name), "name": "logs", "version": 0},
         }
         proc = fit_tiny(
-            tiny_run, name, "ddp", "float32", 2, devices=devices, optimizer=still, logger=logger,
+            tiny_run, name, chosen, "float32", 2, devices=devices, optimizer=still, logger=logger,
             callbacks=[callback],
         )  # fmt: skip
         facts, _ = finished_run(proc, tiny_run, name)

@@ -11,9 +11,10 @@ successive points of the curve differ only by the weights. Images are labelled a
 prompts, one row of up to 8 images each) and a bar chart of the class distributions when the logger
 is a TensorBoardLogger. The weights sampled are the live ones, not an EMA average (``ema_decay``).
 
-Each process samples every ``world_size``-th prompt. Works with single-device and DDP training, and
-with DeepSpeed ZeRO-3 in one process (its hooks gather the weights); FSDP and DeepSpeed over several
-processes would need every rank in every UNet call and are refused.
+Each process samples every ``world_size``-th prompt. Works with single-device, DDP and DeepSpeed
+ZeRO-1/2 training (whole weights on every rank), and with ZeRO-3 in one process (its hooks gather the
+weights); FSDP and ZeRO-3 over several processes would need every rank in every UNet call and are
+refused.
 """
 
 from __future__ import annotations
