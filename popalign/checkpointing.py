@@ -27,9 +27,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-from popalign.distributed import StagedFSDPStrategy
+from popalign.distributed import StagedDeepSpeedStrategy, StagedFSDPStrategy
 from popalign.errors import UserError
 from popalign.preemption import sigterm_noted, stop_agreed
 
@@ -159,8 +159,9 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
 
 def prepare_checkpointing(trainer: Any) -> None:
     """Give a built trainer popalign's checkpointing: :func:`fixed_checkpoint_dirs`, Lightning's plain
-    ``ModelCheckpoint`` made a :class:`FinalStepCheckpoint` and its plain ``FSDPStrategy`` a
-    :class:`popalign.distributed.StagedFSDPStrategy` (subclasses are left alone), and Lightning's
+    ``ModelCheckpoint`` made a :class:`FinalStepCheckpoint` and its plain ``FSDPStrategy`` and
+    ``DeepSpeedStrategy`` a :class:`popalign.distributed.StagedFSDPStrategy` and
+    :class:`~popalign.distributed.StagedDeepSpeedStrategy` (subclasses are left alone), and Lightning's
     default writer replaced by :class:`WholeFileCheckpointIO` (a writer the config chose is kept)."""
     fixed_checkpoint_dirs(trainer.checkpoint_callbacks, trainer.logger)
     for callback in trainer.checkpoint_callbacks:
@@ -168,6 +169,8 @@ def prepare_checkpointing(trainer: Any) -> None:
             callback.__class__ = FinalStepCheckpoint
     if type(trainer.strategy) is FSDPStrategy:  # likewise
         trainer.strategy.__class__ = StagedFSDPStrategy
+    if type(trainer.strategy) is DeepSpeedStrategy:
+        trainer.strategy.__class__ = StagedDeepSpeedStrategy
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = WholeFileCheckpointIO()
 

@@ -19,18 +19,23 @@ in the trainer section of a config::
 
 Every other argument is Lightning's ``FSDPStrategy`` (``state_dict_type``, ``cpu_offload``, ...).
 Gradient checkpointing stays the module's switch (``model.gradient_checkpointing``), not the strategy's.
+
+Also here: checkpoint folders staged and put in place whole (:func:`save_staged`, for FSDP's sharded
+saves and every DeepSpeed save), and the set-up checks of what a strategy cannot run (one FSDP unit
+of mixed dtypes, whole weights that are in pieces, an optimizer DeepSpeed's offload refuses).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from popalign import files
@@ -43,6 +48,27 @@ UNET_CLASSES = ("UNet2DConditionModel",)
 
 #: what FSDP adds to the names of the modules it wraps (never part of checkpoint keys)
 FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def save_staged(strategy: Any, write: Callable[[Path], None], filepath: Any) -> None:
+    """Write a checkpoint folder with every rank of ``strategy`` (``write(folder)``) into a hidden
+    ``.NAME.tmp-<pid>`` folder beside ``filepath``, and have rank 0 put it in place once all have
+    written (:func:`popalign.files.replace_folder`): a save stopped halfway leaves the previous
+    checkpoint folder, not a partial one that ``--ckpt_path last`` would pick. Staging folders of
+    killed runs go first (:func:`popalign.files.remove_abandoned`)."""
+    path = Path(strategy.broadcast(str(filepath)))
+    pid = strategy.broadcast(os.getpid())  # rank 0's: the staging folder is one for all ranks
+    staging = files.stage_folder(path, pid, clean=strategy.global_rank == 0)
+    try:
+        write(staging)
+        strategy.barrier("popalign: checkpoint folder written")
+        if strategy.global_rank == 0:
+            files.replace_folder(staging, path)
+    except BaseException:
+        if strategy.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    strategy.barrier("popalign: checkpoint folder in place")
 
 
 class StagedFSDPStrategy(FSDPStrategy):
@@ -60,27 +86,14 @@ class StagedFSDPStrategy(FSDPStrategy):
         """``state_dict_type: full``: Lightning's (rank 0 writes one file through the trainer's writer,
         :class:`popalign.checkpointing.WholeFileCheckpointIO` under ``train.py``: whole or absent).
 
-        ``sharded``: every rank writes its shard into a hidden ``.NAME.tmp-<pid>`` folder beside the
-        target, and rank 0 puts it in place once all have written (:func:`popalign.files.replace_folder`),
-        so a save stopped halfway leaves the previous checkpoint folder, not a partial one that
-        ``--ckpt_path last`` would pick. Staging folders of killed runs go first
-        (:func:`popalign.files.remove_abandoned`)."""
+        ``sharded``: every rank writes its shard into a staging folder put in place once all have
+        written (:func:`save_staged`)."""
         if self._state_dict_type != "sharded":
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        path = Path(self.broadcast(str(filepath)))
-        pid = self.broadcast(os.getpid())  # rank 0's: the staging folder is one for all ranks
-        staging = files.stage_folder(path, pid, clean=self.global_rank == 0)
-        try:
-            super().save_checkpoint(checkpoint, staging, storage_options)
-            self.barrier("popalign: sharded checkpoint written")
-            if self.global_rank == 0:
-                files.replace_folder(staging, path)
-        except BaseException:
-            if self.global_rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.barrier("popalign: sharded checkpoint in place")
+        save_staged(
+            self, partial(super().save_checkpoint, checkpoint, storage_options=storage_options), filepath
+        )
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's, after :func:`stateless_optimizers` found none when fitting (where the optimizer
@@ -95,6 +108,19 @@ class StagedFSDPStrategy(FSDPStrategy):
                 "on it); train with an optimizer that keeps state (the configs' AdamW, or SGD with momentum)"
             )
         return super().load_checkpoint(path, weights_only)
+
+
+class StagedDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed, with each checkpoint folder put in place only once every rank wrote it
+    (:func:`save_staged`). DeepSpeed writes every rank's partition, then the ``latest`` tag, into the
+    target itself: a save stopped halfway left new model states beside old optimizer partitions, in
+    a folder ``--ckpt_path last`` would load. :func:`popalign.checkpointing.prepare_checkpointing`
+    gives Lightning's DeepSpeed strategies this class."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        save_staged(
+            self, partial(super().save_checkpoint, checkpoint, storage_options=storage_options), filepath
+        )
 
 
 class BlockFSDPStrategy(StagedFSDPStrategy):
@@ -239,8 +265,6 @@ def check_one_unit_dtypes(trainer: Any, module: nn.Module) -> None:
 
 
 def _zero3(trainer: Any) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     return isinstance(trainer.strategy, DeepSpeedStrategy) and bool(trainer.strategy.zero_stage_3)
 
 
@@ -270,8 +294,6 @@ def check_offloaded_optimizer(strategy: Any, optimizer: torch.optim.Optimizer) -
     ``deepspeed_stage_2_offload``) steps the optimizer on the CPU, and DeepSpeed takes only its own CPU
     optimizers there unless its config sets ``zero_force_ds_cpu_optimizer: false``.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     if not isinstance(strategy, DeepSpeedStrategy):
         return
     device = ((strategy.config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")

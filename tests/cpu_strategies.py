@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
-from popalign.distributed import FSDP_PREFIX, BlockFSDPStrategy, StagedFSDPStrategy
+from popalign.distributed import FSDP_PREFIX, BlockFSDPStrategy, StagedDeepSpeedStrategy, StagedFSDPStrategy
 
 
 class _WrapOnCPU:
@@ -64,10 +64,11 @@ class CPUFSDPStrategy(_WrapOnCPU, StagedFSDPStrategy):
     ``strategy: fsdp`` (:func:`popalign.checkpointing.prepare_checkpointing`)."""
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy on gloo CPU processes (DeepSpeed's CPU accelerator): Lightning
-    refuses any accelerator but CUDA and checks CUDA device indices, and DeepSpeed's engine wants a
-    device index, which ``cpu`` lacks; the rest (ZeRO, its clipping, its checkpoints) is DeepSpeed's."""
+class CPUDeepSpeedStrategy(StagedDeepSpeedStrategy):
+    """:class:`StagedDeepSpeedStrategy` (what ``train.py`` makes of Lightning's DeepSpeed) on gloo CPU
+    processes (DeepSpeed's CPU accelerator): Lightning refuses any accelerator but CUDA and checks
+    CUDA device indices, and DeepSpeed's engine wants a device index, which ``cpu`` lacks; the rest
+    (ZeRO, its clipping, its checkpoints) is DeepSpeed's."""
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
@@ -151,3 +152,19 @@ class SigtermAt(L.Callback):
                 os.killpg(os.getpgid(0), signal.SIGTERM)
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
+
+
+class CutDeepSpeedSave(L.Callback):
+    """Every rank's DeepSpeed save of ``last.ckpt`` stops after the model states, before the optimizer
+    partitions and the ``latest`` tag: a save cut short (a SIGKILL, a full disk)."""
+
+    def on_train_start(self, trainer: L.Trainer, *args) -> None:
+        engine = trainer.strategy.deepspeed_engine
+        write_partitions = engine._save_zero_checkpoint
+
+        def cut(save_dir: str, tag: str) -> None:
+            if "last.ckpt" in Path(save_dir).name:  # the folder, or popalign's staging folder for it
+                raise RuntimeError(f"save of {save_dir} cut short")
+            write_partitions(save_dir, tag)
+
+        engine._save_zero_checkpoint = cut

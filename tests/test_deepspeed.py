@@ -85,6 +85,25 @@ def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, 
 
 
 @pytest.mark.slow
+def test_a_save_cut_short_leaves_the_previous_checkpoint_folder(tiny_run):
+    # DeepSpeed writes into the target folder itself: a save of last.ckpt stopped after the model
+    # states left them beside the previous save's optimizer partitions, in a folder that looked whole.
+    # train.py stages the folder beside it and renames it once every rank wrote
+    from test_preemption import _saved_step
+
+    ckpts, strategy = tiny_run / "cut_ckpts", deepspeed(2)
+    more = {"checkpoints": ckpts, "save_last": True, "optimizer": None}  # AdamW: partitions of state
+    finished_run(fit_tiny(tiny_run, "cut_first", strategy, "float32", 2, **more), tiny_run, "cut_first")
+    cut = fit_tiny(tiny_run, "cut", strategy, "float32", 4, **more, ckpt_path="last",
+                   callbacks=[{"class_path": "cpu_strategies.CutDeepSpeedSave"}])  # fmt: skip
+    assert cut.returncode != 0 and "save of" in cut.stderr and "cut short" in cut.stderr
+    assert _saved_step(ckpts / "last.ckpt") == 2  # the step-2 folder, whole
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]  # the staging folder removed
+    resumed = fit_tiny(tiny_run, "cut_resumed", strategy, "float32", 4, **more, ckpt_path="last")
+    assert finished_run(resumed, tiny_run, "cut_resumed")[0]["global_step"] == 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["2-offload", "3-offload"])
 def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero):
     # the optimizer state and step on the CPU (ZeRO-3: the partitioned weights too); on CPU processes
@@ -247,3 +266,12 @@ def test_train_py_refuses_an_optimizer_offload_cannot_run_before_the_run_starts(
         and "not AdamW" in err[-1]
     )
     assert not (tmp_path / "runs/tiny/logs").exists()  # refused before the logger made a run folder
+
+
+def test_train_py_stages_the_saves_of_lightnings_deepspeed():
+    from popalign.checkpointing import prepare_checkpointing
+    from popalign.distributed import StagedDeepSpeedStrategy
+
+    trainer = SimpleNamespace(checkpoint_callbacks=[], logger=None, strategy=DeepSpeedStrategy(stage=3))
+    prepare_checkpointing(trainer)  # as train.py does with --trainer.strategy deepspeed_stage_3
+    assert type(trainer.strategy) is StagedDeepSpeedStrategy and trainer.strategy.zero_stage_3
