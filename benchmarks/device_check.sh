@@ -4,8 +4,8 @@
 #   2. the step benchmark on the full SDXL UNet (random weights)             -> results.json, bench.log
 #   3. the GPU tests (tests/test_gpu.py): no host syncs in the step, nor in
 #      `train.py fit` between logging steps, compiled blocks and channels-last
-#      keep the numbers, `train.py fit` starts under DDP, FSDP and
-#      BlockFSDPStrategy on one GPU                                          -> tests.log
+#      keep the numbers, `train.py fit` starts under DDP, FSDP,
+#      BlockFSDPStrategy and DeepSpeed ZeRO-2 and 3 on one GPU               -> tests.log
 # Results go to $OUT (default runs/device_check). Each stage has its own time limit, and the
 # benchmark writes its JSON after every configuration, so a stage that runs long still leaves
 # what it measured.
