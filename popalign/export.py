@@ -182,6 +182,9 @@ def _trained_weights(
             )
         weights.update({name: shadows[str(i)] for i, name in enumerate(trainable)})
     params = dict(unet.named_parameters())
+    # frozen weights (LoRA's base) are the base's: popalign's checkpoints leave them out, a DeepSpeed
+    # folder made one file by Lightning's converter holds them; the fingerprint check tells a wrong base
+    weights = {k: v for k, v in weights.items() if k not in params or params[k].requires_grad}
     expected = set(trainable) | (set(unet.state_dict()) - set(params))  # trainable + buffers
     missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or extra:

@@ -148,16 +148,30 @@ def test_zero_trains_in_bf16_mixed(tiny_run, stage):
 
 
 @pytest.mark.slow
-def test_zero3_trains_lora_like_ddp(tiny_run):
-    # the adapters partitioned beside the frozen base; the reference is the adapters switched off
-    ddp_facts, ddp = finished_run(
-        fit_tiny(tiny_run, "zero_lora_ddp", "ddp", "float32", lora_rank=4), tiny_run, "zero_lora_ddp"
-    )
-    facts, zero3 = finished_run(
-        fit_tiny(tiny_run, "zero3_lora", deepspeed(3), "float32", lora_rank=4), tiny_run, "zero3_lora"
-    )
+def test_zero3_trains_and_exports_lora_like_ddp(tiny_run, capsys):
+    # the adapters partitioned beside the frozen base; the reference is the adapters switched off.
+    # Lightning's converter keeps the frozen base weights too (popalign's own checkpoints leave them
+    # out): export takes the base's and writes the adapters, as from DDP's checkpoint
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from popalign.cli import main
+
+    runs, exported = {}, {}
+    for name, strategy in (("zero_lora_ddp", "ddp"), ("zero3_lora", deepspeed(3))):
+        ckpts = tiny_run / f"{name}_ckpts"
+        proc = fit_tiny(tiny_run, name, strategy, "float32", lora_rank=4, checkpoints=ckpts)
+        runs[name] = finished_run(proc, tiny_run, name)
+        (saved,) = ckpts.iterdir()
+        if saved.is_dir():
+            convert_zero_checkpoint_to_fp32_state_dict(str(saved), f"{saved}.consolidated")
+            saved = saved.with_name(f"{saved.name}.consolidated")
+        out = tiny_run / f"{name}_export"
+        assert main(["export", str(saved), "--out", str(out)]) == 0, capsys.readouterr().err
+        exported[name] = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    (ddp_facts, ddp), (facts, zero3) = runs["zero_lora_ddp"], runs["zero3_lora"]
     assert_trains_lora_like(zero3, ddp, "ZeRO-3")
     assert facts["grad_norm"] == pytest.approx(ddp_facts["grad_norm"], rel=1e-5)
+    assert_trains_lora_like(exported["zero3_lora"], exported["zero_lora_ddp"], "ZeRO-3's exported")
 
 
 @pytest.mark.slow

@@ -306,6 +306,22 @@ def test_missing_or_unexpected_weights_are_refused(full_run, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_frozen_base_weights_in_a_lora_checkpoint_are_the_bases(lora_run, tmp_path):
+    # popalign's checkpoints leave LoRA's frozen base out; Lightning's DeepSpeed converter keeps it
+    # (a ZeRO folder made one file): export took those weights for unexpected ones and refused
+    module, ckpt = lora_run
+
+    def with_base(state):
+        for name, p in module.policy.named_parameters():
+            if not p.requires_grad:
+                state["state_dict"][f"policy.{name}"] = p.detach().clone()
+
+    full = _rewrite(ckpt, tmp_path / "with_base.ckpt", with_base)
+    lora = load_file(export_checkpoint(ckpt, tmp_path / "lora") / LORA_WEIGHT_NAME)
+    from_full = load_file(export_checkpoint(full, tmp_path / "from_full") / LORA_WEIGHT_NAME)
+    assert lora and from_full.keys() == lora.keys() and all(torch.equal(from_full[k], lora[k]) for k in lora)
+
+
 def _damage_every_tensor(src, dst, fill: bytes = b"\xff"):
     """A copy of ``src`` whose stored tensor bytes are all ``fill`` (0xff: NaN as floats; 0x00: zeros,
     finite); the zip's CRCs stay."""
