@@ -264,7 +264,8 @@ def check_one_unit_dtypes(trainer: Any, module: nn.Module) -> None:
         )
 
 
-def _zero3(trainer: Any) -> bool:
+def zero_stage_3(trainer: Any) -> bool:
+    """Whether ``trainer`` runs DeepSpeed ZeRO-3 (weights partitioned, in any number of processes)."""
     return isinstance(trainer.strategy, DeepSpeedStrategy) and bool(trainer.strategy.zero_stage_3)
 
 
@@ -275,7 +276,7 @@ def shards_parameters(trainer: Any) -> bool:
     Features that need every rank to use whole weights on its own outside the step (sampling the
     policy for validation) check this at set-up and refuse with a clear message.
     """
-    return trainer.world_size > 1 and (isinstance(trainer.strategy, FSDPStrategy) or _zero3(trainer))
+    return trainer.world_size > 1 and (isinstance(trainer.strategy, FSDPStrategy) or zero_stage_3(trainer))
 
 
 def partitions_weights(trainer: Any) -> bool:
@@ -284,7 +285,7 @@ def partitions_weights(trainer: Any) -> bool:
 
     The EMA copy, which reads every weight after each optimizer step, checks this.
     """
-    return _zero3(trainer) or shards_parameters(trainer)
+    return zero_stage_3(trainer) or shards_parameters(trainer)
 
 
 def check_offloaded_optimizer(strategy: Any, optimizer: torch.optim.Optimizer) -> None:

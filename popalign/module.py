@@ -148,9 +148,18 @@ class PopAlignModule(OptimizerHooks):
                 speed.compile_repeated_blocks(unet, mode=compile_mode)
 
     def setup(self, stage: str) -> None:
-        from popalign.distributed import check_one_unit_dtypes, partitions_weights
+        from popalign.distributed import check_one_unit_dtypes, partitions_weights, zero_stage_3
 
         check_one_unit_dtypes(self.trainer, self)
+        selective = self.hparams.gradient_checkpointing not in (False, True, "full", None)
+        if selective and zero_stage_3(self.trainer):
+            # measured on two CPU processes (tests/test_deepspeed.py): save_matmuls ended 1 % of the
+            # training's movement away from DDP's weights after 3 steps, full checkpointing matched
+            raise UserError(
+                f"gradient_checkpointing: {self.hparams.gradient_checkpointing} (selective checkpointing) "
+                "trains other weights under DeepSpeed ZeRO-3 than under DDP; use gradient_checkpointing: "
+                "true (full checkpointing) with ZeRO-3, or another strategy"
+            )
         if self.ema is not None and partitions_weights(self.trainer):
             raise UserError(
                 f"ema_decay keeps a whole copy of the weights, which {type(self.trainer.strategy).__name__} "

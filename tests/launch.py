@@ -45,7 +45,7 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
     SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
     ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``accumulate``
     (accumulate_grad_batches), ``logger`` and
-    ``callbacks`` (more of them) for the trainer, ``lora_rank`` and ``ema_decay`` for the module, ``save_last`` for the
+    ``callbacks`` (more of them) for the trainer, ``lora_rank``, ``ema_decay``, ``gradient_checkpointing`` and ``compile_blocks`` for the module, ``save_last`` for the
     checkpoints, ``new_session`` (a process group of its own, for signals sent to the group)."""
     overlay = {
         "trainer": {
@@ -78,14 +78,20 @@ def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, 
                 # plain SGD: the update is the gradient itself, so weights compare like gradients do
                 # (Adam's first steps move every weight by ~lr whatever the sign noise of its gradient)
                 **({"optimizer": more.get("optimizer", SGD)} if more.get("optimizer", SGD) else {}),
-                **{k: more[k] for k in ("lora_rank", "ema_decay") if k in more},
+                **{
+                    k: more[k]
+                    for k in ("lora_rank", "ema_decay", "gradient_checkpointing", "compile_blocks")
+                    if k in more
+                },
             }
         },
         "data": {"train_shards": str(root / "tiny/shards")},
     }
     config = root / f"{name}-config.yaml"  # JSON is YAML
     config.write_text(json.dumps(overlay))
-    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    # no empty entry (an unset PYTHONPATH): Python reads one as the working folder, whose run folders
+    # then shadow modules (a run named z3 hid the z3 that torch.compile looks for)
+    path = os.pathsep.join(p for p in [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     # without the parent's rendezvous variables: an in-process run earlier in the session leaves
     # MASTER_PORT set (Lightning writes it) and may still hold that port, so a launch would not bind it
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
