@@ -1,7 +1,9 @@
 # popalign — the README's commands.
 #   make demo   set up the environment and run the whole pipeline on the built-in synthetic world
-#   make test   set up the environment and run the tests (the slow ones included, the e2e ones not)
+#   make test   set up the environment and run the tests (the slow ones included; not the e2e ones,
+#               nor the launched DeepSpeed ones)
 #   make test-e2e   the end-to-end tests: the world's default base model and the reduced demo on it
+#   make test-deepspeed   the multi-process DeepSpeed runs (ZeRO-2/3, offload, their checkpoints)
 #   make test-min   the fast tests in .venv-min, against the oldest versions setup.cfg allows
 #
 # TORCH picks the PyTorch requirement; users get the default build for their platform. CPU-only
@@ -18,7 +20,7 @@ STAMP := $(VENV)/.popalign-installed
 VENV_MIN ?= .venv-min
 MIN_VERSIONS := .ci/min-versions.txt
 
-.PHONY: demo test test-e2e test-fast test-min lint format clean
+.PHONY: demo test test-e2e test-deepspeed test-fast test-min lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,11 +42,14 @@ demo: $(STAMP)
 	$(VENV)/bin/popalign demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not e2e" -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -ra -m "not e2e and not deepspeed" -n $(TEST_WORKERS) --dist worksteal
 
 # one process with every core: both tests wait on the same base-model build
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q -ra -m e2e -n 0
+
+test-deepspeed: $(STAMP)
+	$(PY) -m pytest -q -ra -m deepspeed -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not e2e" -n $(TEST_WORKERS) --dist worksteal

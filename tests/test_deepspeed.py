@@ -5,7 +5,7 @@ ZeRO-2 averages the same per-rank gradients as DDP, clips them by their global n
 the same optimizer on its slice of the state; ZeRO-3 also keeps each weight in pieces across the ranks
 and gathers it for each forward and backward. So after the same steps from the same seed the policies
 must agree with DDP's. Their checkpoints are folders, which `popalign export` takes once Lightning's
-converter made them one file.
+converter made them one file. The launched tests are marked ``deepspeed`` (``make test-deepspeed``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def ddp_clipped(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, capsys):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
@@ -85,6 +86,7 @@ def test_zero_trains_like_ddp_resumes_and_exports(tiny_run, ddp_clipped, stage, 
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_a_save_cut_short_leaves_the_previous_checkpoint_folder(tiny_run):
     # DeepSpeed writes into the target folder itself: a save of last.ckpt stopped after the model
     # states left them beside the previous save's optimizer partitions, in a folder that looked whole.
@@ -104,6 +106,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_folder(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero3_with_the_sdxl_configs_speed_switches_trains_like_ddp(tiny_run, ddp_clipped):
     # configs/sdxl_popalign.yaml: full gradient checkpointing (the blocks rerun in backward, ZeRO-3
     # gathering their weights again) and compiled blocks (ZeRO-3's hooks around compiled graphs)
@@ -117,6 +120,7 @@ def test_zero3_with_the_sdxl_configs_speed_switches_trains_like_ddp(tiny_run, dd
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("zero", ["2-offload", "3-offload"])
 def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero):
     # the optimizer state and step on the CPU (ZeRO-3: the partitioned weights too); on CPU processes
@@ -132,6 +136,7 @@ def test_offloaded_zero_trains_like_ddp(tiny_run, ddp_clipped, zero):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_offload_trains_with_deepspeeds_cpu_adam(tiny_run):
     # what a user is told to run with offloading (Lightning's deepspeed_stage_2_offload arguments)
     if shutil.which("c++") is None:
@@ -148,6 +153,7 @@ def test_offload_trains_with_deepspeeds_cpu_adam(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_in_bf16_mixed(tiny_run, stage):
     # the SDXL configs' precision: DeepSpeed's bf16 mode stores the policy in bf16 and has no autocast,
@@ -161,6 +167,7 @@ def test_zero_trains_in_bf16_mixed(tiny_run, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero3_trains_and_exports_lora_like_ddp(tiny_run, capsys):
     # the adapters partitioned beside the frozen base; the reference is the adapters switched off.
     # Lightning's converter keeps the frozen base weights too (popalign's own checkpoints leave them
@@ -188,6 +195,7 @@ def test_zero3_trains_and_exports_lora_like_ddp(tiny_run, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero3_validates_in_one_process(tiny_run):
     # FairnessValidation samples the policy outside the step; in one process ZeRO-3's hooks gather
     # each partitioned weight as the sampler's UNet calls reach it
@@ -225,6 +233,7 @@ def test_what_needs_whole_weights_is_refused_only_where_they_are_in_pieces(tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero2_keeps_the_average_ddp_keeps_and_exports_it(tiny_run, capsys):
     # every rank holds whole weights after DeepSpeed's step, so each keeps the same EMA; the buffers
     # reach the checkpoint folder, and Lightning's converter keeps them for `popalign export --ema`,

@@ -80,6 +80,7 @@ def _same(a: dict, b: dict) -> bool:
             "zero3",
             marks=[
                 pytest.mark.slow,
+                pytest.mark.deepspeed,
                 pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
             ],
         ),

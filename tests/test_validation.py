@@ -161,7 +161,10 @@ def test_bad_arguments():
         "ddp",
         pytest.param(  # ZeRO-2 splits gradients and optimizer state; every rank holds whole weights
             "zero2",
-            marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+            marks=[
+                pytest.mark.deepspeed,
+                pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+            ],
         ),
     ],
 )
