@@ -27,11 +27,7 @@ class OptimizerHooks(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """The YAML's optimizer over :meth:`trainable_parameters` (default ``AdamW(lr=5e-7,
         weight_decay=1e-2)``) and its schedule, stepped every optimizer step (default: none)."""
-        params = self.trainable_parameters()
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
-        else:
-            optimizer = _configured("optimizer", self.optimizer_factory, params)
+        optimizer = self._optimizer(self.trainable_parameters())
         check_offloaded_optimizer(self._trainer and self._trainer.strategy, optimizer)
         self._configured_optimizer = optimizer_settings(optimizer)  # before a schedule or a resume moves them
         if self.lr_scheduler_factory is None:
@@ -39,17 +35,18 @@ class OptimizerHooks(L.LightningModule):
         scheduler = _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(params, lr=5e-7, weight_decay=1e-2)
+        return _configured("optimizer", self.optimizer_factory, params)
+
     def check_optimizer_config(self, strategy: Any = None) -> None:
         """Build the configured optimizer and schedule on a stand-in parameter, so that a value they
         refuse (an ``lr`` below 0, ``total_steps`` not above ``warmup_steps``) or an optimizer the
         ``strategy`` cannot run (:func:`~popalign.distributed.check_offloaded_optimizer`) stops the run
         before it writes anything; other failures of the stand-in are left to :meth:`configure_optimizers`."""
-        stand_in = [nn.Parameter(torch.zeros(1))]
         try:
-            if self.optimizer_factory is None:
-                optimizer = torch.optim.AdamW(stand_in)
-            else:
-                optimizer = _configured("optimizer", self.optimizer_factory, stand_in)
+            optimizer = self._optimizer([nn.Parameter(torch.zeros(1))])
             if self.lr_scheduler_factory is not None:
                 _configured("lr_scheduler", self.lr_scheduler_factory, optimizer)
         except UserError:
