@@ -41,12 +41,14 @@ def deepspeed(zero: int | str) -> dict:
 
 
 def fit_tiny(root: Path, name: str, strategy: str | dict, reference_dtype: str, steps: int = 3, **more):
-    """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise); ``more``: ``optimizer`` (default
-    SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder for them), ``ckpt_path``, and
-    ``accelerator``, ``devices``, ``precision``, ``clip`` (gradient_clip_val), ``accumulate``
-    (accumulate_grad_batches), ``logger`` and
-    ``callbacks`` (more of them) for the trainer, ``lora_rank``, ``ema_decay``, ``gradient_checkpointing`` and ``compile_blocks`` for the module, ``save_last`` for the
-    checkpoints, ``new_session`` (a process group of its own, for signals sent to the group)."""
+    """`train.py fit` of configs/tiny.yaml (two CPU processes unless ``more`` says otherwise).
+
+    ``more``: ``optimizer`` (default SGD, ``None`` keeps the config's AdamW), ``checkpoints`` (a folder
+    for them), ``ckpt_path``; ``accelerator``, ``devices``, ``precision``, ``clip``
+    (gradient_clip_val), ``accumulate`` (accumulate_grad_batches), ``logger`` and ``callbacks`` (more
+    of them) for the trainer; ``lora_rank``, ``ema_decay``, ``gradient_checkpointing`` and
+    ``compile_blocks`` for the module; ``save_last`` for the checkpoints; ``new_session`` (a process
+    group of its own, for signals sent to the group)."""
     overlay = {
         "trainer": {
             "accelerator": more.get("accelerator", "cpu"),
